@@ -1,0 +1,242 @@
+"""Link kernels: parent assignment, incremental upward aggregation, CSR, downward broadcast.
+
+Terms: ``parent_row[c]`` is child ``c``'s parent row (-1 = none). A tick's dirty children are
+``dirty[0:m]``; ``old_parent[j]``/``old_val[j]`` hold child ``dirty[j]``'s parent and value as
+they were before the tick touched it. Aggregates are kept by removing each dirty child's old
+contribution and adding its new one, so a tick costs O(dirty children), whatever the fan-in.
+
+Children of a parent (for min/max recompute and broadcast) are a CSR built at the last
+compaction plus per-parent linked lists of edges added since (``delta_head``/``delta_next``/
+``delta_child``). An entry (p, c) is valid only while ``parent_row[c] == p``; stale entries
+are skipped, and a child listed twice is harmless because every user is idempotent.
+"""
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True)
+def assign_parent(rows, prow, parent_row, track, delta_head, delta_next, delta_child, n_delta):
+    """Set ``parent_row[rows[i]] = prow[i]`` in arrival order; record changed edges.
+
+    With ``track`` the new edge (p, c) is pushed on p's delta list. Caller guarantees
+    ``len(delta_next) >= n_delta + len(rows)``. Returns the new delta count.
+    """
+    for i in range(len(rows)):
+        c = rows[i]
+        p = prow[i]
+        if parent_row[c] != p:
+            parent_row[c] = p
+            if track and p >= 0:
+                delta_child[n_delta] = c
+                delta_next[n_delta] = delta_head[p]
+                delta_head[p] = n_delta
+                n_delta += 1
+    return n_delta
+
+
+@njit(cache=True)
+def mark_parents(dirty, m, old_parent, parent_row, pstamp, tick, pdirty, n_pdirty):
+    """Mark the old and new parent of every dirty child dirty; return the parent dirty count."""
+    for j in range(m):
+        po = old_parent[j]
+        pn = parent_row[dirty[j]]
+        if po >= 0 and pstamp[po] != tick:
+            pstamp[po] = tick
+            pdirty[n_pdirty] = po
+            n_pdirty += 1
+        if pn >= 0 and pstamp[pn] != tick:
+            pstamp[pn] = tick
+            pdirty[n_pdirty] = pn
+            n_pdirty += 1
+    return n_pdirty
+
+
+@njit(cache=True)
+def agg_count(dirty, m, old_parent, parent_row, cnt):
+    """Children per parent: move a count when a child changed parent (or appeared)."""
+    for j in range(m):
+        po = old_parent[j]
+        pn = parent_row[dirty[j]]
+        if po != pn:
+            if po >= 0:
+                cnt[po] -= 1
+            if pn >= 0:
+                cnt[pn] += 1
+
+
+@njit(cache=True, inline="always")
+def _fixed(v, scale):
+    if scale == 0.0:
+        return np.int64(v)
+    return np.int64(np.rint(np.float64(v) * scale))
+
+
+@njit(cache=True)
+def agg_sum(dirty, m, old_parent, parent_row, old_val, cur, scale, acc, nvalid):
+    """Sum over children in exact int64 arithmetic.
+
+    Float values enter as ``rint(v * scale)`` (fixed point), integers as they are
+    (``scale == 0``), so removing and re-adding contributions never drifts: after any history
+    ``acc[p]`` equals the sum over p's current children recomputed from scratch. Non-finite
+    values are left out; ``nvalid[p]`` counts the finite ones (the divisor of a mean).
+    """
+    for j in range(m):
+        po = old_parent[j]
+        pn = parent_row[dirty[j]]
+        ov = old_val[j]
+        nv = cur[dirty[j]]
+        if po >= 0 and np.isfinite(np.float64(ov)):
+            acc[po] -= _fixed(ov, scale)
+            nvalid[po] -= 1
+        if pn >= 0 and np.isfinite(np.float64(nv)):
+            acc[pn] += _fixed(nv, scale)
+            nvalid[pn] += 1
+
+
+@njit(cache=True)
+def agg_extreme(dirty, m, old_parent, parent_row, old_val, cur, ext, sign, recompute, n_rc):
+    """Max (sign=1) or min (sign=-1) over children.
+
+    A better new value updates the parent in place; a parent whose extreme child got worse or
+    left is appended to ``recompute`` (len >= n_rc + m) for ``recompute_extreme``.
+    Returns the new ``n_rc``.
+    """
+    for j in range(m):
+        c = dirty[j]
+        po = old_parent[j]
+        pn = parent_row[c]
+        ov = np.float64(old_val[j])
+        nv = np.float64(cur[c])
+        if po >= 0 and ov == ov:
+            e = np.float64(ext[po])
+            if ov == e and (po != pn or nv != nv or sign * nv < sign * e):
+                recompute[n_rc] = po
+                n_rc += 1
+        if pn >= 0 and nv == nv:
+            e = np.float64(ext[pn])
+            if e != e or sign * nv > sign * e:
+                ext[pn] = nv
+    return n_rc
+
+
+@njit(cache=True)
+def recompute_extreme(
+    parents, indptr, children, delta_head, delta_next, delta_child, parent_row, cur, ext, sign
+):
+    """ext[p] = max/min over p's current children (NaN if none), for each p in ``parents``.
+
+    O(children of those parents).
+    """
+    n_csr = len(indptr) - 1
+    for k in range(len(parents)):
+        p = parents[k]
+        best = np.nan
+        if p < n_csr:
+            for e in range(indptr[p], indptr[p + 1]):
+                c = children[e]
+                if parent_row[c] == p:
+                    v = np.float64(cur[c])
+                    if v == v and (best != best or sign * v > sign * best):
+                        best = v
+        e = delta_head[p]
+        while e >= 0:
+            c = delta_child[e]
+            if parent_row[c] == p:
+                v = np.float64(cur[c])
+                if v == v and (best != best or sign * v > sign * best):
+                    best = v
+            e = delta_next[e]
+        ext[p] = best
+
+
+@njit(cache=True)
+def build_csr(parent_row, n_children, n_parents):
+    """Counting sort of children by parent: returns (indptr int64[n_parents+1], children int32).
+
+    O(n_children + n_parents); used at compaction, amortized over the edge deltas it absorbs.
+    """
+    indptr = np.zeros(n_parents + 1, np.int64)
+    for c in range(n_children):
+        p = parent_row[c]
+        if p >= 0:
+            indptr[p + 1] += 1
+    for p in range(n_parents):
+        indptr[p + 1] += indptr[p]
+    fill = indptr[:-1].copy()
+    children = np.empty(indptr[n_parents], np.int32)
+    for c in range(n_children):
+        p = parent_row[c]
+        if p >= 0:
+            children[fill[p]] = c
+            fill[p] += 1
+    return indptr, children
+
+
+@njit(cache=True, inline="always")
+def _differs(a, b):
+    return a != b and (a == a or b == b)
+
+
+@njit(cache=True)
+def broadcast_push(
+    pdirty,
+    n_pdirty,
+    n_snapped,
+    old_src,
+    src,
+    indptr,
+    children,
+    delta_head,
+    delta_next,
+    delta_child,
+    parent_row,
+    dst,
+    cstamp,
+    tick,
+    cdirty,
+    n_cdirty,
+):
+    """Copy ``src[p]`` into ``dst[c]`` for the children of every dirty parent whose ``src``
+    changed this tick (``old_src[j]`` is parent ``pdirty[j]``'s value before the tick; parents
+    past ``n_snapped`` were dirtied by a broadcast from above, have no such value and always push).
+    Children whose value changed are marked dirty (``cdirty`` must have room for all of
+    them). Returns the new child dirty count. O(children of changed parents).
+    """
+    n_csr = len(indptr) - 1
+    for j in range(n_pdirty):
+        p = pdirty[j]
+        v = src[p]
+        if j < n_snapped and not _differs(old_src[j], v):
+            continue
+        if p < n_csr:
+            for e in range(indptr[p], indptr[p + 1]):
+                c = children[e]
+                if parent_row[c] == p and _differs(dst[c], v):
+                    dst[c] = v
+                    if cstamp[c] != tick:
+                        cstamp[c] = tick
+                        cdirty[n_cdirty] = c
+                        n_cdirty += 1
+        e = delta_head[p]
+        while e >= 0:
+            c = delta_child[e]
+            if parent_row[c] == p and _differs(dst[c], v):
+                dst[c] = v
+                if cstamp[c] != tick:
+                    cstamp[c] = tick
+                    cdirty[n_cdirty] = c
+                    n_cdirty += 1
+            e = delta_next[e]
+    return n_cdirty
+
+
+@njit(cache=True)
+def broadcast_pull(dirty, m, old_parent, parent_row, src, dst, initial):
+    """Children that changed parent this tick take their new parent's ``src`` value
+    (``initial`` when they have none). They are already dirty."""
+    for j in range(m):
+        c = dirty[j]
+        pn = parent_row[c]
+        if pn != old_parent[j]:
+            dst[c] = src[pn] if pn >= 0 else initial

@@ -1,0 +1,24 @@
+"""Packaged scenarios: agent types, links, kernels wiring, a seeded generator and a slow
+reference model each. ``SCENARIOS[name]`` is the scenario's module."""
+
+from types import ModuleType
+
+from vecswim.scenarios import engines, pollution
+
+SCENARIOS: dict[str, ModuleType] = {m.NAME: m for m in (engines, pollution)}
+
+
+def get(name: str) -> ModuleType:
+    """The scenario module called ``name``; KeyError lists the known ones."""
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown scenario {name!r}; known: {', '.join(sorted(SCENARIOS))}"
+        ) from None
+
+
+def setup(scenario: ModuleType, engine, generator) -> None:
+    """Run the generator's one-off setup (e.g. static links), if it has one."""
+    if hasattr(generator, "setup"):
+        generator.setup(engine)

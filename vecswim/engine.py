@@ -1,0 +1,555 @@
+"""The engine: state tables, links and the tick loop.
+
+One tick = poll -> resolve keys -> event kernels -> link propagation -> emit -> commit
+(DESIGN.md "One tick"). Every step is a handful of kernel or numpy calls over the tick's events
+and dirty rows, so a tick costs O(events + changed rows), never O(agents).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from vecswim.deadletter import DeadLetters, validate_events
+from vecswim.kernels import dirty as kdirty
+from vecswim.kernels import events as kev
+from vecswim.kernels import links as klinks
+from vecswim.schema import AgentType, Custom, Link, State
+from vecswim.sinks import Sink
+from vecswim.table import StateTable
+
+_TICK_WRAP = np.iinfo(np.int32).max - 1
+
+
+@dataclass(frozen=True)
+class TickStats:
+    """What one tick did: ``events`` applied, ``dead_letters`` rejected, ``emitted`` rows,
+    ``new_agents`` created, ``dirty`` rows touched, wall ``seconds``."""
+
+    tick: int
+    events: int
+    dead_letters: int
+    emitted: int
+    new_agents: int
+    dirty: int
+    seconds: float
+
+
+@dataclass
+class _Step:
+    kind: str
+    column: str
+    input: str | State | None
+    params: tuple
+    trace: bool
+
+
+class _LinkState:
+    """Runtime state of one link: the child's parent rows live in the child table; here are the
+    CSR of children per parent (built at compaction) and the edge deltas added since."""
+
+    def __init__(self, link: Link, child: StateTable, parent: StateTable, track: bool) -> None:
+        self.link = link
+        self.child = child
+        self.parent = parent
+        self.track = track
+        self.indptr = np.zeros(1, np.int64)
+        self.children = np.empty(0, np.int32)
+        self.delta_head = np.full(parent.cap, -1, np.int32)
+        self.delta_next = np.empty(1024, np.int32)
+        self.delta_child = np.empty(1024, np.int32)
+        self.n_delta = 0
+
+    def reserve(self, extra: int) -> None:
+        if len(self.delta_head) < self.parent.cap:
+            head = np.full(self.parent.cap, -1, np.int32)
+            head[: len(self.delta_head)] = self.delta_head
+            self.delta_head = head
+        need = self.n_delta + extra
+        if need > len(self.delta_next):
+            size = max(need, 2 * len(self.delta_next))
+            for name in ("delta_next", "delta_child"):
+                a = np.empty(size, np.int32)
+                a[: self.n_delta] = getattr(self, name)[: self.n_delta]
+                setattr(self, name, a)
+
+    def maybe_compact(self, ratio: float) -> bool:
+        """Rebuild the CSR once the deltas reach ``ratio`` x its size (amortized O(1)/edge)."""
+        if not self.track or self.n_delta <= max(1024, ratio * len(self.children)):
+            return False
+        self.indptr, self.children = klinks.build_csr(
+            self.child.parent_row[self.link.name], self.child.n, self.parent.n
+        )
+        self.delta_head[:] = -1
+        self.n_delta = 0
+        return True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            a.nbytes
+            for a in (
+                self.indptr,
+                self.children,
+                self.delta_head,
+                self.delta_next,
+                self.delta_child,
+            )
+        )
+
+
+class Engine:
+    """A live graph of agents: one state table per agent type, links between them.
+
+    ``agent_types``: the schemas. ``links``: child -> parent relations (children listed
+    before parents is not required; the engine orders them). ``capacity``: expected agents per
+    type (int for all, or a mapping), to allocate once instead of growing.
+    ``compaction_ratio``: rebuild a link's CSR when its edge deltas exceed this fraction of it.
+
+    Not thread-safe: call ``tick``/``run``/``sql`` from one thread.
+    """
+
+    def __init__(
+        self,
+        agent_types: Sequence[AgentType],
+        links: Sequence[Link] = (),
+        capacity: int | Mapping[str, int] = 1024,
+        compaction_ratio: float = 0.5,
+        recent_ticks: int = 10_000,
+    ) -> None:
+        self.types = {at.name: at for at in agent_types}
+        if len(self.types) != len(agent_types):
+            raise ValueError("agent type names must be unique")
+        caps = capacity if isinstance(capacity, Mapping) else dict.fromkeys(self.types, capacity)
+        self.tables = {n: StateTable(at, caps.get(n, 1024)) for n, at in self.types.items()}
+        self.tick_id = 0
+        self.compaction_ratio = compaction_ratio
+        self.sinks: list[Sink] = []
+        self.dead_letters = DeadLetters()
+        self.totals = {"ticks": 0, "events": 0, "dead_letters": 0, "emitted": 0}
+        self.recent: deque[TickStats] = deque(maxlen=recent_ticks)
+        self._pending_links: list[tuple[str, object, object]] = []
+        self._steps = {n: self._compile_rules(at) for n, at in self.types.items()}
+        self._fields = {n: at.event_fields() for n, at in self.types.items()}
+        self.links: dict[str, _LinkState] = {}
+        for link in links:
+            self._add_link(link)
+        self._order = self._level_order()
+
+    # -- construction -----------------------------------------------------------------------
+    def _compile_rules(self, at: AgentType) -> list[_Step]:
+        traced = {
+            c.rule.input.column for c in at.columns if c.rule and isinstance(c.rule.input, State)
+        }
+        for k in at.kernels:
+            traced |= {i.column for i in k.inputs if isinstance(i, State)}
+        return [
+            _Step(c.rule.kind, c.name, c.rule.input, c.rule.params, c.name in traced)
+            for c in at.columns
+            if c.rule is not None
+        ]
+
+    def _add_link(self, link: Link) -> None:
+        if link.name in self.links or link.name in self.types:
+            raise ValueError(f"link name {link.name!r} is already an agent type or link")
+        if link.child not in self.tables or link.parent not in self.tables:
+            raise ValueError(f"link {link.name!r}: unknown agent type")
+        child, parent = self.tables[link.child], self.tables[link.parent]
+        child.add_parent_link(link.name)
+        child.enable_parent_snapshot(link.name)
+        track = False
+        for col, agg in link.aggregates.items():
+            pc = parent.type.column(col)
+            if agg.kind == "count":
+                parent.add_hidden(f"__{link.name}.{col}.n", np.int64, 0)
+                continue
+            cc = child.type.column(agg.column)
+            child.enable_snapshot(cc.name)
+            if agg.kind in ("min", "max"):
+                if pc.np_dtype.kind != "f":
+                    raise ValueError(f"{link.name}: min/max column {col!r} must be float")
+                track = True
+            elif agg.kind in ("sum", "mean"):
+                parent.add_hidden(f"__{link.name}.{col}.acc", np.int64, 0)
+                parent.add_hidden(f"__{link.name}.{col}.valid", np.int64, 0)
+                if agg.kind == "mean" and pc.np_dtype.kind != "f":
+                    raise ValueError(f"{link.name}: mean column {col!r} must be float")
+            else:
+                raise ValueError(f"{link.name}: unknown aggregate {agg.kind!r}")
+        for dst, src in link.broadcast.items():
+            child.type.column(dst)
+            parent.type.column(src)
+            parent.enable_snapshot(src)
+            track = True
+        self.links[link.name] = _LinkState(link, child, parent, track)
+
+    def _level_order(self) -> list[str]:
+        """Links ordered so every child type is complete before its parent aggregates it."""
+        depth = dict.fromkeys(self.types, 0)
+        for _ in range(len(self.types) + 1):
+            changed = False
+            for ls in self.links.values():
+                d = depth[ls.link.child] + 1
+                if depth[ls.link.parent] < d:
+                    depth[ls.link.parent] = d
+                    changed = True
+            if not changed:
+                break
+        else:
+            raise ValueError("links form a cycle; they must be a DAG")
+        return sorted(self.links, key=lambda n: depth[self.links[n].link.child])
+
+    # -- public API ---------------------------------------------------------------------------
+    def add_sink(self, sink: Sink) -> None:
+        """Send every tick's emissions to ``sink``."""
+        self.sinks.append(sink)
+
+    def set_links(self, link: str, child_keys: object, parent_keys: object) -> None:
+        """Link ``child_keys[i]`` to ``parent_keys[i]`` in the next tick (creating agents as
+        needed). Bulk: arrays of keys, applied with one kernel call."""
+        if link not in self.links:
+            raise KeyError(f"no link named {link!r}")
+        self._pending_links.append((link, child_keys, parent_keys))
+
+    def tick(self, events: Mapping[str, pa.RecordBatch | pa.Table] | None = None) -> TickStats:
+        """Run one tick over ``events`` (agent type name -> batch with the key and fields).
+
+        Events are applied in batch order. Rows that fail validation go to the dead letters
+        with a reason and do not stop the tick. Returns what the tick did.
+        """
+        t0 = time.perf_counter()
+        self._advance_tick()
+        tick = self.tick_id
+        tables = self.tables
+        new_before = {n: t.n for n, t in tables.items()}
+        for t in tables.values():
+            t.begin_tick()
+        n_events = 0
+        n_dead = 0
+        for name, batch in (events or {}).items():
+            if name not in tables:
+                raise KeyError(f"events for unknown agent type {name!r}")
+            good, dead = validate_events(self.types[name], self._event_schema(name), batch)
+            if dead is not None:
+                n_dead += dead.num_rows
+                self.dead_letters.write(tick, name, dead)
+            if good is None or good.num_rows == 0:
+                continue
+            n_events += good.num_rows
+            self._apply_events(tables[name], good, tick)
+        for link, ck, pk in self._pending_links:
+            ls = self.links[link]
+            crow = ls.child.resolve(ck)
+            ls.child.mark(crow, tick)
+            self._assign(ls, crow, ls.parent.resolve(pk))
+        self._pending_links.clear()
+        for name in self._order:
+            self._propagate(self.links[name], tick)
+        for name in reversed(self._order):
+            if self.links[name].link.broadcast:
+                self._broadcast(self.links[name], tick)
+        emitted = self._emit(tick)
+        for ls in self.links.values():
+            ls.maybe_compact(self.compaction_ratio)
+        stats = TickStats(
+            tick=tick,
+            events=n_events,
+            dead_letters=n_dead,
+            emitted=emitted,
+            new_agents=sum(t.n - new_before[n] for n, t in tables.items()),
+            dirty=sum(t.n_dirty for t in tables.values()),
+            seconds=time.perf_counter() - t0,
+        )
+        self.totals["ticks"] += 1
+        self.totals["events"] += n_events
+        self.totals["dead_letters"] += n_dead
+        self.totals["emitted"] += emitted
+        self.recent.append(stats)
+        return stats
+
+    def run(
+        self,
+        source: object,
+        max_events: int = 100_000,
+        tick_ms: float = 10.0,
+        seconds: float | None = None,
+        max_ticks: int | None = None,
+        on_tick: Callable[[TickStats], None] | None = None,
+    ) -> None:
+        """Poll ``source`` and tick until it is exhausted, ``seconds`` pass or ``max_ticks``
+        ticks ran. A tick closes at ``max_events`` events or after ``tick_ms`` ms.
+        Sinks are flushed and closed at the end."""
+        deadline = None if seconds is None else time.monotonic() + seconds
+        ticks = 0
+        try:
+            while (deadline is None or time.monotonic() < deadline) and (
+                max_ticks is None or ticks < max_ticks
+            ):
+                events = source.poll(max_events, tick_ms / 1000.0)
+                if events is None:
+                    break
+                stats = self.tick(events)
+                ticks += 1
+                if on_tick is not None:
+                    on_tick(stats)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Flush and close every sink (idempotent)."""
+        for s in self.sinks:
+            s.close()
+
+    def sql(self, query: str, output: str = "arrow"):
+        """Run one read-only DuckDB query over the live state at the current tick boundary.
+
+        Tables: one per agent type (key + state columns), one per link (child key, parent
+        key), ``ticks`` (recent ticks), ``metrics`` (counters). Returns a ``pyarrow.Table``
+        (``output="polars"``: a polars DataFrame). Raises ``vecswim.SQLError`` with DuckDB's
+        message on a bad or forbidden query; the engine is unaffected.
+        """
+        from vecswim.sql import run_query
+
+        return run_query(self, query, output)
+
+    def state(self, agent_type: str) -> pa.Table:
+        """A copy of one state table (key + state columns) as Arrow."""
+        return self.tables[agent_type].to_arrow(copy=True)
+
+    def link_table(self, link: str) -> pa.Table:
+        """(child key, parent key) for every linked child of ``link``."""
+        ls = self.links[link]
+        prow = ls.child.parent_row[link][: ls.child.n]
+        rows = np.flatnonzero(prow >= 0).astype(np.int32)
+        return pa.table(
+            {
+                f"child_{ls.child.type.key}": ls.child.key_array(rows),
+                f"parent_{ls.parent.type.key}": ls.parent.key_array(prow[rows]),
+            }
+        )
+
+    @property
+    def agents(self) -> int:
+        """Number of agents over all agent types."""
+        return sum(t.n for t in self.tables.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all state tables, key indexes and links."""
+        return sum(t.nbytes for t in self.tables.values()) + sum(
+            ls.nbytes for ls in self.links.values()
+        )
+
+    # -- tick steps -----------------------------------------------------------------------------
+    def _advance_tick(self) -> None:
+        self.tick_id += 1
+        if self.tick_id >= _TICK_WRAP:
+            # int32 dirty stamps: once every ~2**31 ticks clear them all and restart at 1.
+            for t in self.tables.values():
+                t.restamp()
+            self.tick_id = 1
+
+    def _event_schema(self, name: str) -> dict[str, np.dtype]:
+        fields = dict(self._fields[name])
+        for ls in self.links.values():
+            if ls.link.child == name and ls.link.via is not None:
+                fields[ls.link.via] = ls.parent.key_dtype
+        return fields
+
+    def _apply_events(self, table: StateTable, batch: pa.RecordBatch, tick: int) -> None:
+        at = table.type
+        rows = table.resolve(batch.column(at.key))
+        table.mark(rows, tick)
+        fields: dict[str, np.ndarray] = {}
+
+        def value(inp: str | State) -> np.ndarray:
+            if isinstance(inp, State):
+                return traces[inp.column]
+            arr = fields.get(inp)
+            if arr is None:
+                arr = fields[inp] = batch.column(inp).to_numpy(zero_copy_only=False)
+            return arr
+
+        traces: dict[str, np.ndarray] = {}
+        for st in self._steps[table.name]:
+            col = table.cols[st.column]
+            tr = np.empty(len(rows), col.dtype) if st.trace else np.empty(0, col.dtype)
+            if st.kind == "count":
+                kev.count(rows, col, tr)
+            elif st.kind == "mean":
+                kev.mean(rows, value(st.input), col, table.hidden[f"{st.column}__n"], tr)
+            elif st.kind == "ewma":
+                kev.ewma(rows, value(st.input), col, tr, *st.params)
+            elif st.kind == "hysteresis":
+                up, down, low, high = st.params
+                kev.hysteresis(
+                    rows,
+                    value(st.input),
+                    col,
+                    tr,
+                    up,
+                    down,
+                    col.dtype.type(low),
+                    col.dtype.type(high),
+                )
+            else:
+                _SIMPLE[st.kind](rows, value(st.input), col, tr)
+            if st.trace:
+                traces[st.column] = tr
+        for k in at.kernels:
+            _call_custom(k, rows, value, table)
+        for ls in self.links.values():
+            if ls.link.child == table.name and ls.link.via is not None:
+                self._assign(ls, rows, ls.parent.resolve(batch.column(ls.link.via)))
+
+    def _assign(self, ls: _LinkState, crow: np.ndarray, prow: np.ndarray) -> None:
+        ls.reserve(len(crow))
+        ls.n_delta = klinks.assign_parent(
+            crow,
+            prow,
+            ls.child.parent_row[ls.link.name],
+            ls.track,
+            ls.delta_head,
+            ls.delta_next,
+            ls.delta_child,
+            ls.n_delta,
+        )
+
+    def _propagate(self, ls: _LinkState, tick: int) -> None:
+        child, parent, link = ls.child, ls.parent, ls.link
+        m = child.n_dirty
+        if m == 0:
+            return
+        dirty = child.dirty
+        old_parent = child.snap_parent[link.name]
+        prow = child.parent_row[link.name]
+        parent.reserve_dirty(2 * m)
+        start = parent.n_dirty
+        parent.n_dirty = klinks.mark_parents(
+            dirty, m, old_parent, prow, parent.stamp, tick, parent.dirty, parent.n_dirty
+        )
+        parent.snapshot(start)
+        pd = parent.dirty[: parent.n_dirty]
+        for col, agg in link.aggregates.items():
+            out = parent.cols[col]
+            if agg.kind == "count":
+                cnt = parent.hidden[f"__{link.name}.{col}.n"]
+                klinks.agg_count(dirty, m, old_parent, prow, cnt)
+                out[pd] = cnt[pd]
+            elif agg.kind in ("sum", "mean"):
+                acc = parent.hidden[f"__{link.name}.{col}.acc"]
+                valid = parent.hidden[f"__{link.name}.{col}.valid"]
+                cur = child.column(agg.column)
+                scale = float(agg.scale) if cur.dtype.kind == "f" else 0.0
+                klinks.agg_sum(
+                    dirty, m, old_parent, prow, child.snap[agg.column], cur, scale, acc, valid
+                )
+                total = acc[pd] / scale if scale else acc[pd]
+                if agg.kind == "sum":
+                    out[pd] = total
+                else:
+                    v = valid[pd]
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        out[pd] = np.where(v > 0, np.asarray(total, np.float64) / v, np.nan)
+            else:
+                sign = 1.0 if agg.kind == "max" else -1.0
+                cur = child.column(agg.column)
+                rc = np.empty(m, np.int32)
+                n_rc = klinks.agg_extreme(
+                    dirty, m, old_parent, prow, child.snap[agg.column], cur, out, sign, rc, 0
+                )
+                if n_rc:
+                    klinks.recompute_extreme(
+                        np.unique(rc[:n_rc]),
+                        ls.indptr,
+                        ls.children,
+                        ls.delta_head,
+                        ls.delta_next,
+                        ls.delta_child,
+                        prow,
+                        cur,
+                        out,
+                        sign,
+                    )
+
+    def _broadcast(self, ls: _LinkState, tick: int) -> None:
+        child, parent, link = ls.child, ls.parent, ls.link
+        prow = child.parent_row[link.name]
+        m = child.n_dirty
+        for dst, src in link.broadcast.items():
+            klinks.broadcast_pull(
+                child.dirty,
+                m,
+                child.snap_parent[link.name],
+                prow,
+                parent.cols[src],
+                child.cols[dst],
+                child.initial[dst],
+            )
+        for dst, src in link.broadcast.items():
+            child.reserve_dirty(child.n)
+            child.n_dirty = klinks.broadcast_push(
+                parent.dirty,
+                parent.n_dirty,
+                parent.n_snapped,
+                parent.snap[src],
+                parent.cols[src],
+                ls.indptr,
+                ls.children,
+                ls.delta_head,
+                ls.delta_next,
+                ls.delta_child,
+                prow,
+                child.cols[dst],
+                child.stamp,
+                tick,
+                child.dirty,
+                child.n_dirty,
+            )
+
+    def _emit(self, tick: int) -> int:
+        total = 0
+        for t in self.tables.values():
+            n = t.n_dirty
+            if n == 0 or not t.last:
+                continue
+            changed = np.zeros(n, np.bool_)
+            for name, last in t.last.items():
+                cur = t.cols[name]
+                if cur.dtype.kind == "f":
+                    kdirty.changed_float(t.dirty, n, cur, last, t.deadband[name], changed)
+                else:
+                    kdirty.changed_exact(t.dirty, n, cur, last, changed)
+            d = t.dirty[:n]
+            rows = d[changed | (d >= t.first_new)]
+            if len(rows) == 0:
+                continue
+            cols = {
+                t.type.key: t.key_array(rows),
+                "tick": pa.array(np.full(len(rows), tick, np.int64)),
+            }
+            for name, last in t.last.items():
+                v = t.cols[name][rows]
+                last[rows] = v
+                cols[name] = pa.array(v)
+            batch = pa.RecordBatch.from_pydict(cols)
+            total += len(rows)
+            for s in self.sinks:
+                s.write(tick, t.name, batch)
+        return total
+
+
+_SIMPLE = {"latest": kev.latest, "sum": kev.sum_, "min": kev.min_, "max": kev.max_}
+
+
+def _call_custom(k: Custom, rows: np.ndarray, value: Callable, table: StateTable) -> None:
+    args: list[object] = [rows]
+    args += [value(i) for i in k.inputs]
+    args += [table.cols[o] for o in k.outputs]
+    args += list(k.params)
+    k.fn(*args)

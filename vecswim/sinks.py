@@ -1,0 +1,108 @@
+"""Sinks: where emissions go.
+
+Contract: the engine calls ``write(tick, agent_type, batch)`` once per agent type per tick that
+emitted anything; ``batch`` holds the key, ``tick`` and the emitted columns of the changed rows
+(never unchanged ones). ``close()`` flushes and is idempotent. A sink that raises stops the
+tick: sink errors are surfaced, never swallowed.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Protocol
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+class Sink(Protocol):
+    def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CallbackSink:
+    """Calls ``fn(tick, agent_type, batch)`` for every emission."""
+
+    def __init__(self, fn: Callable[[int, str, pa.RecordBatch], None]) -> None:
+        self.fn = fn
+
+    def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
+        self.fn(tick, agent_type, batch)
+
+    def close(self) -> None:
+        pass
+
+
+class MemorySink:
+    """Keeps every emission in memory (tests, notebooks): ``batches[agent_type]``."""
+
+    def __init__(self) -> None:
+        self.batches: dict[str, list[pa.RecordBatch]] = {}
+
+    def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
+        self.batches.setdefault(agent_type, []).append(batch)
+
+    def table(self, agent_type: str) -> pa.Table | None:
+        """All emissions of one agent type, in tick order (None if it never emitted)."""
+        b = self.batches.get(agent_type)
+        return pa.Table.from_batches(b) if b else None
+
+    def close(self) -> None:
+        pass
+
+
+class ParquetSink:
+    """Writes each agent type's emissions to its own Parquet file.
+
+    ``path="out.parquet"`` writes ``out.engine.parquet``, ``out.fleet.parquet``, ... (agent
+    types have different columns, so they cannot share one file). ``paths`` lists them.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.paths: dict[str, Path] = {}
+
+    def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
+        w = self.writers.get(agent_type)
+        if w is None:
+            p = self.path.with_name(
+                f"{self.path.stem}.{agent_type}{self.path.suffix or '.parquet'}"
+            )
+            w = self.writers[agent_type] = pq.ParquetWriter(p, batch.schema)
+            self.paths[agent_type] = p
+        w.write_batch(batch)
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+
+class NDJSONSink:
+    """Writes emissions as newline-delimited JSON, one object per changed row with an
+    ``agent_type`` field; ``path="-"`` writes to stdout. Encoded in bulk by polars."""
+
+    def __init__(self, path: str | Path = "-") -> None:
+        self.path = path
+        self._fh: IO[bytes] | None = None
+
+    def _file(self) -> IO[bytes]:
+        if self._fh is None:
+            self._fh = sys.stdout.buffer if self.path == "-" else open(self.path, "wb")  # noqa: SIM115
+        return self._fh
+
+    def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
+        df = pl.from_arrow(batch).with_columns(pl.lit(agent_type).alias("agent_type"))
+        df.write_ndjson(self._file())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            if self._fh is not sys.stdout.buffer:
+                self._fh.close()
+            self._fh = None
