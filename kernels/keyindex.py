@@ -8,17 +8,21 @@ Int64 keys are compared against ``table_keys[row]``; string keys are compared by
 against the table's key dictionary (``dict_offsets``/``dict_data``, Arrow large-string
 layout), where row id == dictionary id.
 
-Callers guarantee capacity before a call: ``len(table_keys) >= n_rows + len(batch)`` and
-``(n_rows + len(batch)) <= 0.7 * len(slots)``; the kernels never allocate.
+The insert kernels never allocate: they stop before creating row ``limit`` (the caller's
+room, bounded by both table capacity and slot load) and return where they stopped, so the
+caller grows exactly as far as new keys need and resumes.
 """
 
 import numpy as np
 from numba import njit
+from vecswim.kernels.prefetch import prefetch
 
 EMPTY = -1
+# How far ahead the probe loops prefetch: the slot of key i+D, then the key of key i+D/2's row.
+AHEAD = 16
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def mix64(x):
     """splitmix64 finalizer: a bijective 64-bit mix, so distinct keys never collide
     before masking, and sequential or strided keys spread over all slots."""
@@ -29,20 +33,41 @@ def mix64(x):
 
 
 @njit(cache=True)
-def int_lookup_or_insert(batch_keys, slots, table_keys, n_rows, out_rows):
-    """Resolve every key of ``batch_keys`` to a row, appending unseen keys as new rows.
+def _home_slots(batch_keys, mask):
+    h = np.empty(len(batch_keys), np.uint64)
+    for i in range(len(batch_keys)):
+        h[i] = mix64(batch_keys[i]) & mask
+    return h
+
+
+@njit(cache=True)
+def int_lookup_or_insert(batch_keys, start, slots, table_keys, n_rows, limit, out_rows):
+    """Resolve ``batch_keys[start:]`` to rows, appending unseen keys as new rows.
 
     Writes the row of ``batch_keys[i]`` to ``out_rows[i]``; new keys get rows
     ``n_rows, n_rows+1, ...`` in first-seen order and are written to ``table_keys``.
-    Returns the new row count. O(len(batch_keys)) expected.
+    Returns ``(new row count, i)``: ``i == len(batch_keys)`` when done, else the first key
+    that needed row ``limit``. O(len(batch_keys)) expected.
     """
     mask = np.uint64(len(slots) - 1)
-    for i in range(len(batch_keys)):
+    h = _home_slots(batch_keys, mask)
+    n = len(batch_keys)
+    for i in range(start, len(batch_keys)):
+        # Prefetch the home slot of key i+D and the key of key i+D/2's row, so the two
+        # dependent cache misses of each probe overlap with other keys' work.
+        if i + AHEAD < n:
+            prefetch(slots, h[i + AHEAD])
+        if i + AHEAD // 2 < n:
+            ahead = slots[h[i + AHEAD // 2]]
+            if ahead >= 0:
+                prefetch(table_keys, ahead)
         k = batch_keys[i]
-        s = mix64(k) & mask
+        s = h[i]
         while True:
             r = slots[s]
             if r == EMPTY:
+                if n_rows == limit:
+                    return n_rows, i
                 slots[s] = n_rows
                 table_keys[n_rows] = k
                 out_rows[i] = n_rows
@@ -52,16 +77,26 @@ def int_lookup_or_insert(batch_keys, slots, table_keys, n_rows, out_rows):
                 out_rows[i] = r
                 break
             s = (s + np.uint64(1)) & mask
-    return n_rows
+    return n_rows, len(batch_keys)
 
 
 @njit(cache=True)
 def int_lookup(batch_keys, slots, table_keys, out_rows):
     """Like ``int_lookup_or_insert`` but never inserts: unknown keys map to -1."""
     mask = np.uint64(len(slots) - 1)
+    h = _home_slots(batch_keys, mask)
+    n = len(batch_keys)
     for i in range(len(batch_keys)):
+        # Prefetch the home slot of key i+D and the key of key i+D/2's row, so the two
+        # dependent cache misses of each probe overlap with other keys' work.
+        if i + AHEAD < n:
+            prefetch(slots, h[i + AHEAD])
+        if i + AHEAD // 2 < n:
+            ahead = slots[h[i + AHEAD // 2]]
+            if ahead >= 0:
+                prefetch(table_keys, ahead)
         k = batch_keys[i]
-        s = mix64(k) & mask
+        s = h[i]
         out_rows[i] = EMPTY
         while True:
             r = slots[s]
@@ -84,7 +119,7 @@ def int_rebuild(slots, table_keys, n_rows):
         slots[s] = r
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def bytes_hash(data, start, end):
     """FNV-1a over ``data[start:end]``, then mixed; stable across runs and versions."""
     h = np.uint64(0xCBF29CE484222325)
@@ -93,7 +128,7 @@ def bytes_hash(data, start, end):
     return mix64(h)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _bytes_equal(a, a0, a1, b, b0, b1):
     if a1 - a0 != b1 - b0:
         return False
@@ -104,26 +139,29 @@ def _bytes_equal(a, a0, a1, b, b0, b1):
 
 
 @njit(cache=True)
-def str_lookup_or_insert(offsets, data, slots, dict_offsets, dict_data, n_rows, out_rows):
-    """String-key version of ``int_lookup_or_insert``.
+def str_lookup_or_insert(
+    offsets, data, start, slots, dict_offsets, dict_data, n_rows, limit, out_rows
+):
+    """String-key version of ``int_lookup_or_insert`` (same return value).
 
     ``offsets``/``data`` are the batch's Arrow string buffers (``len(offsets) == n + 1``).
     New strings are appended to ``dict_data`` with ``dict_offsets[n_rows + 1]`` marking their
     end. Caller guarantees ``len(dict_data) >= dict_offsets[n_rows] + batch bytes``.
-    Returns the new row count.
     """
     mask = np.uint64(len(slots) - 1)
-    for i in range(len(offsets) - 1):
+    for i in range(start, len(offsets) - 1):
         a0 = offsets[i]
         a1 = offsets[i + 1]
         s = bytes_hash(data, a0, a1) & mask
         while True:
             r = slots[s]
             if r == EMPTY:
-                start = dict_offsets[n_rows]
+                if n_rows == limit:
+                    return n_rows, i
+                at = dict_offsets[n_rows]
                 for j in range(a1 - a0):
-                    dict_data[start + j] = data[a0 + j]
-                dict_offsets[n_rows + 1] = start + (a1 - a0)
+                    dict_data[at + j] = data[a0 + j]
+                dict_offsets[n_rows + 1] = at + (a1 - a0)
                 slots[s] = n_rows
                 out_rows[i] = n_rows
                 n_rows += 1
@@ -132,7 +170,7 @@ def str_lookup_or_insert(offsets, data, slots, dict_offsets, dict_data, n_rows, 
                 out_rows[i] = r
                 break
             s = (s + np.uint64(1)) & mask
-    return n_rows
+    return n_rows, len(offsets) - 1
 
 
 @njit(cache=True)

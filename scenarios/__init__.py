@@ -22,3 +22,14 @@ def setup(scenario: ModuleType, engine, generator) -> None:
     """Run the generator's one-off setup (e.g. static links), if it has one."""
     if hasattr(generator, "setup"):
         generator.setup(engine)
+
+
+def warm_up(scenario: ModuleType) -> None:
+    """Run a few ticks on a small throwaway engine so every kernel the scenario uses is
+    compiled or loaded from numba's cache before timing starts."""
+    engine = scenario.build_engine(1 << 17)
+    gen = scenario.Generator(1 << 17, seed=1)
+    setup(scenario, engine, gen)
+    for n in (1 << 17, 4096):
+        engine.tick(gen.make(n))
+    engine.tick()

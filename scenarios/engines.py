@@ -60,12 +60,13 @@ ENGINE_FLEET = vs.Link(
     },
 )
 
+AGENT_TYPES = (ENGINE, FLEET)
+LINKS = (ENGINE_FLEET,)
+
 
 def build_engine(agents: int) -> vs.Engine:
     """An engine for this scenario with tables sized for ``agents`` engines."""
-    return vs.Engine(
-        [ENGINE, FLEET], [ENGINE_FLEET], capacity={"engine": agents, "fleet": fleets_for(agents)}
-    )
+    return vs.Engine(AGENT_TYPES, LINKS, capacity={"engine": agents, "fleet": fleets_for(agents)})
 
 
 def fleets_for(agents: int) -> int:
@@ -75,18 +76,27 @@ def fleets_for(agents: int) -> int:
 class Generator:
     """Seeded engine telemetry for ``agents`` engines in ``fleets`` fleets.
 
-    Each engine has a stable base temperature (70..120, so a share of them hover around the
-    thresholds and flip status); readings add Gaussian noise and are quantized to 1/64.
-    ``relink`` is the share of events that report a different, random fleet (a reassignment).
+    Each engine has a stable base temperature (70..115) and drifts around it in a slow cycle
+    of +-10 degrees over ``period`` updates, so a share of engines cross the status thresholds
+    back and forth; readings add small sensor noise and are quantized to 1/64, so most updates
+    stay inside the deadbands (noise that must not be emitted). ``relink`` is the share of
+    events that report a different, random fleet (a reassignment).
     ``make(n)`` returns ``{"engine": RecordBatch}`` with ``n`` events; vectorized numpy.
     """
 
     def __init__(
-        self, agents: int, seed: int = 0, fleets: int | None = None, relink: float = 0.001
+        self,
+        agents: int,
+        seed: int = 0,
+        fleets: int | None = None,
+        relink: float = 0.001,
+        period: float = 500.0,
     ) -> None:
         self.agents = agents
         self.fleets = fleets or fleets_for(agents)
         self.relink = relink
+        self.period = period
+        self.produced = 0
         self.rng = np.random.default_rng(seed)
 
     def engine_ids(self, i: np.ndarray) -> np.ndarray:
@@ -98,7 +108,10 @@ class Generator:
     def make(self, n: int) -> dict[str, pa.RecordBatch]:
         rng = self.rng
         i = rng.integers(0, self.agents, n)
-        base = 70.0 + 50.0 * unit(i, 2)
+        clock = (self.produced + np.arange(n)) / (self.agents * self.period)
+        self.produced += n
+        cycle = np.sin(2.0 * np.pi * (clock + unit(i, 5)))
+        base = 70.0 + 45.0 * unit(i, 2) + 10.0 * cycle
         fleet = i % self.fleets
         if self.relink > 0:
             moved = rng.random(n) < self.relink
@@ -106,9 +119,9 @@ class Generator:
         batch = pa.RecordBatch.from_pydict(
             {
                 "engine_id": self.engine_ids(i),
-                "engine_temp": quantize(base + rng.normal(0.0, 4.0, n)),
-                "fan_temp": quantize(0.6 * base + rng.normal(0.0, 2.0, n)),
-                "coolant_vol": quantize(8.0 + rng.normal(0.0, 0.3, n)),
+                "engine_temp": quantize(base + rng.normal(0.0, 0.2, n)),
+                "fan_temp": quantize(0.6 * base + rng.normal(0.0, 0.2, n)),
+                "coolant_vol": quantize(8.0 + 0.2 * cycle + rng.normal(0.0, 0.02, n)),
                 "fleet_id": self.fleet_ids(fleet),
             }
         )

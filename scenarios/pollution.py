@@ -86,6 +86,9 @@ REGION_CITY = vs.Link(
     broadcast={"city_mean_level": "mean_level"},
 )
 
+AGENT_TYPES = (SENSOR, REGION, CITY)
+LINKS = (SENSOR_REGION, REGION_CITY)
+
 
 def regions_for(agents: int) -> int:
     return max(1, agents // 500)
@@ -98,8 +101,8 @@ def cities_for(agents: int) -> int:
 def build_engine(agents: int) -> vs.Engine:
     """An engine for this scenario sized for ``agents`` sensors (call ``Generator.setup``)."""
     return vs.Engine(
-        [SENSOR, REGION, CITY],
-        [SENSOR_REGION, REGION_CITY],
+        AGENT_TYPES,
+        LINKS,
         capacity={"sensor": agents, "region": regions_for(agents), "city": cities_for(agents)},
     )
 

@@ -361,21 +361,25 @@ class Engine:
                 fields[ls.link.via] = ls.parent.key_dtype
         return fields
 
-    def _apply_events(self, table: StateTable, batch: pa.RecordBatch, tick: int) -> None:
+    def _apply_events(self, table: StateTable, batch: pa.Table, tick: int) -> None:
         at = table.type
         rows = table.resolve(batch.column(at.key))
+        perm = _locality_order(rows, table.n)
+        if perm is not None:
+            rows = rows[perm]
         table.mark(rows, tick)
         fields: dict[str, np.ndarray] = {}
+        traces: dict[str, np.ndarray] = {}
 
         def value(inp: str | State) -> np.ndarray:
             if isinstance(inp, State):
                 return traces[inp.column]
             arr = fields.get(inp)
             if arr is None:
-                arr = fields[inp] = batch.column(inp).to_numpy(zero_copy_only=False)
+                arr = batch.column(inp).to_numpy(zero_copy_only=False)
+                fields[inp] = arr = arr if perm is None else arr[perm]
             return arr
 
-        traces: dict[str, np.ndarray] = {}
         for st in self._steps[table.name]:
             col = table.cols[st.column]
             tr = np.empty(len(rows), col.dtype) if st.trace else np.empty(0, col.dtype)
@@ -405,10 +409,13 @@ class Engine:
             _call_custom(k, rows, value, table)
         for ls in self.links.values():
             if ls.link.child == table.name and ls.link.via is not None:
-                self._assign(ls, rows, ls.parent.resolve(batch.column(ls.link.via)))
+                pkeys = batch.column(ls.link.via)
+                if perm is not None:
+                    pkeys = pkeys.take(pa.array(perm))
+                self._assign(ls, rows, ls.parent.resolve(pkeys))
 
     def _assign(self, ls: _LinkState, crow: np.ndarray, prow: np.ndarray) -> None:
-        ls.reserve(len(crow))
+        ls.reserve(min(len(crow), ls.child.n))
         ls.n_delta = klinks.assign_parent(
             crow,
             prow,
@@ -525,8 +532,8 @@ class Engine:
                     kdirty.changed_float(t.dirty, n, cur, last, t.deadband[name], changed)
                 else:
                     kdirty.changed_exact(t.dirty, n, cur, last, changed)
-            d = t.dirty[:n]
-            rows = d[changed | (d >= t.first_new)]
+            sel = np.empty(n, np.int32)
+            rows = sel[: kdirty.select(t.dirty, n, changed, t.first_new, sel)]
             if len(rows) == 0:
                 continue
             cols = {
@@ -534,14 +541,28 @@ class Engine:
                 "tick": pa.array(np.full(len(rows), tick, np.int64)),
             }
             for name, last in t.last.items():
-                v = t.cols[name][rows]
-                last[rows] = v
+                cur = t.cols[name]
+                v = np.empty(len(rows), cur.dtype)
+                kdirty.take_emitted(rows, cur, last, v)
                 cols[name] = pa.array(v)
             batch = pa.RecordBatch.from_pydict(cols)
             total += len(rows)
             for s in self.sinks:
                 s.write(tick, t.name, batch)
         return total
+
+
+_LOCALITY_MIN_ROWS = 1 << 16
+_BUCKET_BITS = 14
+
+
+def _locality_order(rows: np.ndarray, n_rows: int) -> np.ndarray | None:
+    """Permutation that groups a batch's events by table region (see
+    ``kernels.dirty.bucket_order``); None when the table fits in cache anyway."""
+    if n_rows < _LOCALITY_MIN_ROWS or len(rows) < 1024:
+        return None
+    shift = max(0, n_rows.bit_length() - _BUCKET_BITS)
+    return kdirty.bucket_order(rows, shift, (n_rows >> shift) + 1)
 
 
 _SIMPLE = {"latest": kev.latest, "sum": kev.sum_, "min": kev.min_, "max": kev.max_}

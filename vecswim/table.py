@@ -133,8 +133,7 @@ class StateTable:
         """
         m = len(keys)
         out = np.empty(m, np.int32)
-        self._grow(self.n + m)
-        self._grow_slots(self.n + m)
+        i = 0
         if self.string_keys:
             offsets, data = _string_buffers(keys)
             need = int(self.dict_offsets[self.n]) + int(offsets[-1] - offsets[0])
@@ -142,13 +141,38 @@ class StateTable:
                 grown = np.empty(max(need, int(len(self.dict_data) * _GROWTH)), np.uint8)
                 grown[: self.dict_offsets[self.n]] = self.dict_data[: self.dict_offsets[self.n]]
                 self.dict_data = grown
-            self.n = kidx.str_lookup_or_insert(
-                offsets, data, self.slots, self.dict_offsets, self.dict_data, self.n, out
+            while True:
+                self.n, i = kidx.str_lookup_or_insert(
+                    offsets,
+                    data,
+                    i,
+                    self.slots,
+                    self.dict_offsets,
+                    self.dict_data,
+                    self.n,
+                    self._room(),
+                    out,
+                )
+                if i == m:
+                    return out
+                self._make_room()
+        k = _int_keys(keys)
+        while True:
+            self.n, i = kidx.int_lookup_or_insert(
+                k, i, self.slots, self.keys, self.n, self._room(), out
             )
-        else:
-            k = _int_keys(keys)
-            self.n = kidx.int_lookup_or_insert(k, self.slots, self.keys, self.n, out)
-        return out
+            if i == m:
+                return out
+            self._make_room()
+
+    def _room(self) -> int:
+        return min(self.cap, int(MAX_LOAD * len(self.slots)))
+
+    def _make_room(self) -> None:
+        # Grow only when a new key actually needs a row (by the growth factor), so a batch of
+        # mostly known keys never inflates the table.
+        self._grow(self.n + 1)
+        self._grow_slots(self.cap)
 
     def lookup(self, keys: pa.Array | np.ndarray) -> np.ndarray:
         """Rows of ``keys`` (int32, -1 where the agent does not exist). Creates nothing."""
@@ -186,8 +210,9 @@ class StateTable:
         self.first_new = self.n
 
     def reserve_dirty(self, extra: int) -> None:
-        """Make room for ``extra`` more dirty rows (and their snapshots)."""
-        need = self.n_dirty + extra
+        """Make room for ``extra`` more dirty rows (and their snapshots); a row is dirty at
+        most once per tick, so never more than the table's rows."""
+        need = min(self.n_dirty + extra, max(self.n, 1))
         if need <= len(self.dirty):
             return
         size = max(need, 2 * len(self.dirty))
