@@ -415,7 +415,7 @@ class Engine:
                 self._assign(ls, rows, ls.parent.resolve(pkeys))
 
     def _assign(self, ls: _LinkState, crow: np.ndarray, prow: np.ndarray) -> None:
-        ls.reserve(min(len(crow), ls.child.n))
+        ls.reserve(len(crow))
         ls.n_delta = klinks.assign_parent(
             crow,
             prow,
