@@ -95,12 +95,13 @@ def agg_sum(dirty, m, old_parent, parent_row, old_val, cur, scale, acc, nvalid):
 
 
 @njit(cache=True)
-def agg_extreme(dirty, m, old_parent, parent_row, old_val, cur, ext, sign, recompute, n_rc):
-    """Max (sign=1) or min (sign=-1) over children.
+def agg_extreme(dirty, m, old_parent, parent_row, old_val, cur, ext, ties, sign, recompute, n_rc):
+    """Max (sign=1) or min (sign=-1) over children, with ``ties[p]`` = how many children hold
+    the extreme value.
 
-    A better new value updates the parent in place; a parent whose extreme child got worse or
-    left is appended to ``recompute`` (len >= n_rc + m) for ``recompute_extreme``.
-    Returns the new ``n_rc``.
+    A better new value updates the parent in place; a parent loses its extreme only when the
+    last child holding it worsens or leaves, and is then appended to ``recompute``
+    (len >= n_rc + m) for ``recompute_extreme``. Returns the new ``n_rc``.
     """
     for j in range(m):
         c = dirty[j]
@@ -108,31 +109,49 @@ def agg_extreme(dirty, m, old_parent, parent_row, old_val, cur, ext, sign, recom
         pn = parent_row[c]
         ov = np.float64(old_val[j])
         nv = np.float64(cur[c])
-        if po >= 0 and ov == ov:
-            e = np.float64(ext[po])
-            if ov == e and (po != pn or nv != nv or sign * nv < sign * e):
+        if po == pn and (ov == nv or (ov != ov and nv != nv)):
+            continue
+        if po >= 0 and ov == ov and ov == np.float64(ext[po]):
+            ties[po] -= 1
+            if ties[po] == 0:
                 recompute[n_rc] = po
                 n_rc += 1
         if pn >= 0 and nv == nv:
             e = np.float64(ext[pn])
             if e != e or sign * nv > sign * e:
                 ext[pn] = nv
+                ties[pn] = 1
+            elif nv == e:
+                ties[pn] += 1
     return n_rc
 
 
 @njit(cache=True)
 def recompute_extreme(
-    parents, indptr, children, delta_head, delta_next, delta_child, parent_row, cur, ext, sign
+    parents,
+    indptr,
+    children,
+    delta_head,
+    delta_next,
+    delta_child,
+    parent_row,
+    cur,
+    ext,
+    ties,
+    sign,
 ):
-    """ext[p] = max/min over p's current children (NaN if none), for each p in ``parents``.
-
-    O(children of those parents).
+    """ext[p] = max/min over p's current children (NaN if none) and ties[p] = how many hold
+    it, for each p in ``parents``. O(children of those parents); returns how many child
+    entries it visited. A child listed twice (CSR and delta) is counted once.
     """
     n_csr = len(indptr) - 1
+    visited = 0
     for k in range(len(parents)):
         p = parents[k]
         best = np.nan
+        before = visited
         if p < n_csr:
+            visited += indptr[p + 1] - indptr[p]
             for e in range(indptr[p], indptr[p + 1]):
                 c = children[e]
                 if parent_row[c] == p:
@@ -141,6 +160,7 @@ def recompute_extreme(
                         best = v
         e = delta_head[p]
         while e >= 0:
+            visited += 1
             c = delta_child[e]
             if parent_row[c] == p:
                 v = np.float64(cur[c])
@@ -148,6 +168,45 @@ def recompute_extreme(
                     best = v
             e = delta_next[e]
         ext[p] = best
+        ties[p] = _count_equal(
+            p,
+            best,
+            visited - before,
+            indptr,
+            children,
+            delta_head,
+            delta_next,
+            delta_child,
+            parent_row,
+            cur,
+        )
+    return visited
+
+
+@njit(cache=True)
+def _count_equal(
+    p, best, n_seen, indptr, children, delta_head, delta_next, delta_child, parent_row, cur
+):
+    # A child may be listed twice (CSR and delta list after moving away and back), so count
+    # distinct children; ``n_seen`` bounds how many entries p has.
+    if best != best:
+        return 0
+    found = np.empty(n_seen, np.int32)
+    n = 0
+    if p < len(indptr) - 1:
+        for e in range(indptr[p], indptr[p + 1]):
+            c = children[e]
+            if parent_row[c] == p and np.float64(cur[c]) == best:
+                found[n] = c
+                n += 1
+    e = delta_head[p]
+    while e >= 0:
+        c = delta_child[e]
+        if parent_row[c] == p and np.float64(cur[c]) == best:
+            found[n] = c
+            n += 1
+        e = delta_next[e]
+    return len(np.unique(found[:n]))
 
 
 @njit(cache=True)
@@ -201,15 +260,18 @@ def broadcast_push(
     changed this tick (``old_src[j]`` is parent ``pdirty[j]``'s value before the tick; parents
     past ``n_snapped`` were dirtied by a broadcast from above, have no such value and always push).
     Children whose value changed are marked dirty (``cdirty`` must have room for all of
-    them). Returns the new child dirty count. O(children of changed parents).
+    them). Returns (new child dirty count, child entries visited). O(children of changed
+    parents).
     """
     n_csr = len(indptr) - 1
+    visited = 0
     for j in range(n_pdirty):
         p = pdirty[j]
         v = src[p]
         if j < n_snapped and not _differs(old_src[j], v):
             continue
         if p < n_csr:
+            visited += indptr[p + 1] - indptr[p]
             for e in range(indptr[p], indptr[p + 1]):
                 c = children[e]
                 if parent_row[c] == p and _differs(dst[c], v):
@@ -220,6 +282,7 @@ def broadcast_push(
                         n_cdirty += 1
         e = delta_head[p]
         while e >= 0:
+            visited += 1
             c = delta_child[e]
             if parent_row[c] == p and _differs(dst[c], v):
                 dst[c] = v
@@ -228,7 +291,7 @@ def broadcast_push(
                     cdirty[n_cdirty] = c
                     n_cdirty += 1
             e = delta_next[e]
-    return n_cdirty
+    return n_cdirty, visited
 
 
 @njit(cache=True)

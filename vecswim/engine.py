@@ -29,7 +29,9 @@ _TICK_WRAP = np.iinfo(np.int32).max - 1
 @dataclass(frozen=True)
 class TickStats:
     """What one tick did: ``events`` applied, ``dead_letters`` rejected, ``emitted`` rows,
-    ``new_agents`` created, ``dirty`` rows touched, wall ``seconds``."""
+    ``new_agents`` created, ``dirty`` rows touched, ``work`` row visits (events + dirty rows +
+    children scanned by min/max recompute and broadcast: the tick's cost model, independent
+    of table size), wall ``seconds``."""
 
     tick: int
     events: int
@@ -37,6 +39,7 @@ class TickStats:
     emitted: int
     new_agents: int
     dirty: int
+    work: int
     seconds: float
 
 
@@ -78,9 +81,10 @@ class _LinkState:
                 a[: self.n_delta] = getattr(self, name)[: self.n_delta]
                 setattr(self, name, a)
 
-    def maybe_compact(self, ratio: float) -> bool:
-        """Rebuild the CSR once the deltas reach ``ratio`` x its size (amortized O(1)/edge)."""
-        if not self.track or self.n_delta <= max(1024, ratio * len(self.children)):
+    def maybe_compact(self, ratio: float, min_deltas: int) -> bool:
+        """Rebuild the CSR once the deltas exceed ``ratio`` x its size and ``min_deltas``
+        (amortized O(1) per edge change)."""
+        if not self.track or self.n_delta <= max(min_deltas, ratio * len(self.children)):
             return False
         self.indptr, self.children = klinks.build_csr(
             self.child.parent_row[self.link.name], self.child.n, self.parent.n
@@ -109,7 +113,8 @@ class Engine:
     ``agent_types``: the schemas. ``links``: child -> parent relations (children listed
     before parents is not required; the engine orders them). ``capacity``: expected agents per
     type (int for all, or a mapping), to allocate once instead of growing.
-    ``compaction_ratio``: rebuild a link's CSR when its edge deltas exceed this fraction of it.
+    ``compaction_ratio``, ``compaction_min_deltas``: rebuild a link's CSR when its edge deltas
+    exceed both this fraction of it and this count.
 
     Not thread-safe: call ``tick``/``run``/``sql`` from one thread.
     """
@@ -120,6 +125,7 @@ class Engine:
         links: Sequence[Link] = (),
         capacity: int | Mapping[str, int] = 1024,
         compaction_ratio: float = 0.5,
+        compaction_min_deltas: int = 1024,
         recent_ticks: int = 10_000,
     ) -> None:
         self.types = {at.name: at for at in agent_types}
@@ -129,10 +135,12 @@ class Engine:
         self.tables = {n: StateTable(at, caps.get(n, 1024)) for n, at in self.types.items()}
         self.tick_id = 0
         self.compaction_ratio = compaction_ratio
+        self.compaction_min_deltas = compaction_min_deltas
         self.sinks: list[Sink] = []
         self.dead_letters = DeadLetters()
         self.totals = {"ticks": 0, "events": 0, "dead_letters": 0, "emitted": 0}
         self.recent: deque[TickStats] = deque(maxlen=recent_ticks)
+        self._scanned = 0
         self._pending_links: list[tuple[str, object, object]] = []
         self._steps = {n: self._compile_rules(at) for n, at in self.types.items()}
         self._fields = {n: at.event_fields() for n, at in self.types.items()}
@@ -173,6 +181,7 @@ class Engine:
             if agg.kind in ("min", "max"):
                 if pc.np_dtype.kind != "f":
                     raise ValueError(f"{link.name}: min/max column {col!r} must be float")
+                parent.add_hidden(f"__{link.name}.{col}.ties", np.int64, 0)
                 track = True
             elif agg.kind in ("sum", "mean"):
                 parent.add_hidden(f"__{link.name}.{col}.acc", np.int64, 0)
@@ -223,6 +232,7 @@ class Engine:
         with a reason and do not stop the tick. Returns what the tick did.
         """
         t0 = time.perf_counter()
+        self._scanned = 0
         self._advance_tick()
         tick = self.tick_id
         tables = self.tables
@@ -248,6 +258,11 @@ class Engine:
             ls.child.mark(crow, tick)
             self._assign(ls, crow, ls.parent.resolve(pk))
         self._pending_links.clear()
+        for t in tables.values():
+            if t.n > t.first_new:
+                # agents created only as link targets are dirty too: they get their aggregates
+                # and their first emission in the tick that created them
+                t.mark(np.arange(t.first_new, t.n, dtype=np.int32), tick)
         for name in self._order:
             self._propagate(self.links[name], tick)
         for name in reversed(self._order):
@@ -255,14 +270,15 @@ class Engine:
                 self._broadcast(self.links[name], tick)
         emitted = self._emit(tick)
         for ls in self.links.values():
-            ls.maybe_compact(self.compaction_ratio)
+            ls.maybe_compact(self.compaction_ratio, self.compaction_min_deltas)
         stats = TickStats(
             tick=tick,
             events=n_events,
             dead_letters=n_dead,
             emitted=emitted,
             new_agents=sum(t.n - new_before[n] for n, t in tables.items()),
-            dirty=sum(t.n_dirty for t in tables.values()),
+            dirty=(dirty := sum(t.n_dirty for t in tables.values())),
+            work=n_events + dirty + self._scanned,
             seconds=time.perf_counter() - t0,
         )
         self.totals["ticks"] += 1
@@ -466,12 +482,23 @@ class Engine:
             else:
                 sign = 1.0 if agg.kind == "max" else -1.0
                 cur = child.column(agg.column)
+                ties = parent.hidden[f"__{link.name}.{col}.ties"]
                 rc = np.empty(m, np.int32)
                 n_rc = klinks.agg_extreme(
-                    dirty, m, old_parent, prow, child.snap[agg.column], cur, out, sign, rc, 0
+                    dirty,
+                    m,
+                    old_parent,
+                    prow,
+                    child.snap[agg.column],
+                    cur,
+                    out,
+                    ties,
+                    sign,
+                    rc,
+                    0,
                 )
                 if n_rc:
-                    klinks.recompute_extreme(
+                    self._scanned += klinks.recompute_extreme(
                         np.unique(rc[:n_rc]),
                         ls.indptr,
                         ls.children,
@@ -481,6 +508,7 @@ class Engine:
                         prow,
                         cur,
                         out,
+                        ties,
                         sign,
                     )
 
@@ -500,7 +528,7 @@ class Engine:
             )
         for dst, src in link.broadcast.items():
             child.reserve_dirty(child.n)
-            child.n_dirty = klinks.broadcast_push(
+            child.n_dirty, scanned = klinks.broadcast_push(
                 parent.dirty,
                 parent.n_dirty,
                 parent.n_snapped,

@@ -1,0 +1,50 @@
+"""Test helpers: canonical forms for comparing engine output with reference models."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+
+import vecswim as vs
+
+
+def canon_value(v):
+    """NaN -> "nan" so equal NaNs compare equal; everything else unchanged."""
+    return "nan" if isinstance(v, float) and math.isnan(v) else v
+
+
+def canon_rows(rows: list[dict], key: str) -> dict:
+    """[{key: k, ...}] -> {k: {col: value}}; fails on a key emitted twice in one tick."""
+    out = {}
+    for r in rows:
+        r = dict(r)
+        k = r.pop(key)
+        assert k not in out, f"key {k} emitted twice in one tick"
+        out[k] = {c: canon_value(v) for c, v in r.items()}
+    return out
+
+
+def canon_ref(rows: dict) -> dict:
+    return {k: {c: canon_value(v) for c, v in r.items()} for k, r in rows.items()}
+
+
+class TickCapture:
+    """A sink that keeps only the current tick's emissions, per agent type, as row dicts."""
+
+    def __init__(self, engine: vs.Engine) -> None:
+        self.rows: dict[str, list[dict]] = {}
+        engine.add_sink(vs.CallbackSink(self._write))
+
+    def _write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
+        self.rows.setdefault(agent_type, []).extend(batch.to_pylist())
+
+    def take(self) -> dict[str, list[dict]]:
+        rows, self.rows = self.rows, {}
+        return rows
+
+
+def state_dict(engine: vs.Engine, agent_type: str) -> dict:
+    """{key: {col: value}} of a whole state table."""
+    t = engine.state(agent_type)
+    return canon_rows(t.to_pylist(), engine.types[agent_type].key)
