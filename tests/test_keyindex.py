@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from vecswim.kernels import keyindex as kidx
 
 import vecswim as vs
-from vecswim.table import StateTable
+from vecswim.table import MAX_LOAD, StateTable
 
 INT_T = vs.AgentType("thing", key="id", columns=[vs.Column("x", "float32", vs.latest("x"))])
 STR_T = vs.AgentType(
@@ -40,7 +40,7 @@ def test_int_keys_match_dict(batches, capacity):
         assert rows.tolist() == dict_resolve(seen, b)
         assert table.n == len(seen)
     assert table.keys[: table.n].tolist() == list(seen)
-    probe = list(seen)[:50] + [12345678901, -1]
+    probe = [*list(seen)[:50], 12345678901, -1]
     expected = [seen.get(k, -1) for k in probe]
     assert table.lookup(np.array(probe, np.int64)).tolist() == expected
 
@@ -63,13 +63,7 @@ def test_int_keys_extremes_and_large_batch():
     big = np.random.default_rng(0).integers(0, 50_000, 200_000)
     seen = {int(k): i for i, k in enumerate(keys.tolist()) if i < 5}
     assert table.resolve(big).tolist() == dict_resolve(seen, big.tolist())
-    assert len(table.slots) * kidx_load() >= table.n
-
-
-def kidx_load() -> float:
-    from vecswim.table import MAX_LOAD
-
-    return MAX_LOAD
+    assert len(table.slots) * MAX_LOAD >= table.n
 
 
 @given(

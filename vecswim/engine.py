@@ -546,6 +546,7 @@ class Engine:
                 child.dirty,
                 child.n_dirty,
             )
+            self._scanned += scanned
 
     def _emit(self, tick: int) -> int:
         total = 0
