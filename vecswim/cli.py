@@ -121,6 +121,13 @@ def list_scenarios() -> None:
     help="How long to run.",
 )
 @click.option(
+    "--events",
+    "total_events",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many events (with --rate 0: a reproducible run).",
+)
+@click.option(
     "--tick-ms",
     type=click.FloatRange(min=0, min_open=True),
     default=10.0,
@@ -149,6 +156,7 @@ def run(
     agents: int,
     rate: float,
     seconds: float,
+    total_events: int | None,
     tick_ms: float,
     max_events: int,
     seed: int,
@@ -184,7 +192,7 @@ def run(
         err=True,
     )
     engine.run(
-        GeneratorSource(gen.make, rate=rate),
+        GeneratorSource(gen.make, rate=rate, total=total_events),
         max_events=max_events,
         tick_ms=tick_ms,
         seconds=seconds,
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="vecswim", standalone_mode=False)
     except click.exceptions.UsageError as e:
-        click.echo(f"vecswim: error: {e.format_message()}", err=True)
+        click.echo(f"vecswim: error: {' '.join(e.format_message().split())}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("vecswim: aborted", err=True)

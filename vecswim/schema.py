@@ -131,7 +131,8 @@ class Column:
 
     ``dtype``: a numpy dtype name (float32, float64, int8..int64, uint8..uint32, bool).
     ``rule``: how events change it (None: set by a custom kernel, a link, or never).
-    ``initial``: value of a new agent (default NaN for floats, 0 otherwise).
+    ``initial``: value of a new agent (default 0 for sum/count rules and non-float columns,
+    NaN for other float columns: "no value yet").
     ``emit``: False (never emitted), True (any change is emitted) or a float deadband
     (emitted when it moved strictly more than that since its last emission).
     """
@@ -156,6 +157,8 @@ class Column:
     def initial_value(self) -> float | int:
         if self.initial is not None:
             return self.initial
+        if self.rule is not None and self.rule.kind in ("sum", "count"):
+            return 0
         return math.nan if self.np_dtype.kind == "f" else 0
 
     @property
