@@ -1,4 +1,4 @@
-"""Dirty-row marking and change detection (what is emitted).
+"""Dirty-row marking, change detection and locality ordering.
 
 A row is dirty in tick ``t`` when ``stamp[row] == t``; the dirty list holds each such row once,
 in first-touch order. Marking is O(1) per touch, so a tick costs O(touches), never O(agents).
@@ -24,49 +24,12 @@ def mark(rows, stamp, tick, dirty, n_dirty):
 
 
 @njit(cache=True)
-def changed_float(dirty, n, cur, last, deadband, out):
-    """out[j] |= cur moved more than ``deadband`` from ``last`` at row dirty[j].
-
-    NaN <-> number counts as a change; NaN -> NaN does not.
-    """
-    for j in range(n):
-        r = dirty[j]
-        c = cur[r]
-        p = last[r]
-        if (c != c) != (p != p) or (c == c and abs(float(c) - float(p)) > deadband):
-            out[j] = True
-
-
-@njit(cache=True)
-def changed_exact(dirty, n, cur, last, out):
-    """out[j] |= cur != last at row dirty[j] (status, enums, integers: any change)."""
-    for j in range(n):
-        r = dirty[j]
-        if cur[r] != last[r]:
-            out[j] = True
-
-
-@njit(cache=True)
-def select(dirty, n, changed, first_new, out):
-    """Rows to emit: dirty rows that changed or were created this tick (row >= first_new).
-    Writes them to ``out`` in dirty-list order and returns how many."""
-    k = 0
-    for j in range(n):
-        r = dirty[j]
-        if changed[j] or r >= first_new:
-            out[k] = r
-            k += 1
-    return k
-
-
-@njit(cache=True)
-def take_emitted(rows, cur, last, out):
-    """out[k] = cur[rows[k]] and remember it as the row's last emitted value, in one pass."""
-    for k in range(len(rows)):
-        r = rows[k]
-        v = cur[r]
-        out[k] = v
-        last[r] = v
+def float_changed(c, p, deadband):
+    """A float moved more than ``deadband`` from its last emitted value ``p``.
+    NaN <-> number is a change; NaN -> NaN is not."""
+    if (c != c) != (p != p):
+        return True
+    return c == c and abs(np.float64(c) - np.float64(p)) > deadband
 
 
 @njit(cache=True)

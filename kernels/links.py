@@ -1,9 +1,10 @@
 """Link kernels: parent assignment, incremental upward aggregation, CSR, downward broadcast.
 
 Terms: ``parent_row[c]`` is child ``c``'s parent row (-1 = none). A tick's dirty children are
-``dirty[0:m]``; ``old_parent[j]``/``old_val[j]`` hold child ``dirty[j]``'s parent and value as
-they were before the tick touched it. Aggregates are kept by removing each dirty child's old
-contribution and adding its new one, so a tick costs O(dirty children), whatever the fan-in.
+``dirty[0:m]``; ``old_parent[j]`` holds child ``dirty[j]``'s parent as it was before the tick
+touched it. Aggregates are kept by removing each dirty child's old contribution and adding its
+new one (the loop is generated per link, see ``vecswim.codegen``, from ``fixed`` and the
+min/max rules here), so a tick costs O(dirty children), whatever the fan-in.
 
 Children of a parent (for min/max recompute and broadcast) are a CSR built at the last
 compaction plus per-parent linked lists of edges added since (``delta_head``/``delta_next``/
@@ -36,94 +37,13 @@ def assign_parent(rows, prow, parent_row, track, delta_head, delta_next, delta_c
 
 
 @njit(cache=True)
-def mark_parents(dirty, m, old_parent, parent_row, pstamp, tick, pdirty, n_pdirty):
-    """Mark the old and new parent of every dirty child dirty; return the parent dirty count."""
-    for j in range(m):
-        po = old_parent[j]
-        pn = parent_row[dirty[j]]
-        if po >= 0 and pstamp[po] != tick:
-            pstamp[po] = tick
-            pdirty[n_pdirty] = po
-            n_pdirty += 1
-        if pn >= 0 and pstamp[pn] != tick:
-            pstamp[pn] = tick
-            pdirty[n_pdirty] = pn
-            n_pdirty += 1
-    return n_pdirty
-
-
-@njit(cache=True)
-def agg_count(dirty, m, old_parent, parent_row, cnt):
-    """Children per parent: move a count when a child changed parent (or appeared)."""
-    for j in range(m):
-        po = old_parent[j]
-        pn = parent_row[dirty[j]]
-        if po != pn:
-            if po >= 0:
-                cnt[po] -= 1
-            if pn >= 0:
-                cnt[pn] += 1
-
-
-@njit(cache=True, inline="always")
-def _fixed(v, scale):
+def fixed(v, scale):
+    """A value's exact contribution to a sum: ``rint(v * scale)`` for floats (fixed point),
+    the value itself for integers (``scale == 0``). Int64 additions and subtractions of these
+    never drift: after any history a parent's accumulator equals the from-scratch sum."""
     if scale == 0.0:
         return np.int64(v)
     return np.int64(np.rint(np.float64(v) * scale))
-
-
-@njit(cache=True)
-def agg_sum(dirty, m, old_parent, parent_row, old_val, cur, scale, acc, nvalid):
-    """Sum over children in exact int64 arithmetic.
-
-    Float values enter as ``rint(v * scale)`` (fixed point), integers as they are
-    (``scale == 0``), so removing and re-adding contributions never drifts: after any history
-    ``acc[p]`` equals the sum over p's current children recomputed from scratch. Non-finite
-    values are left out; ``nvalid[p]`` counts the finite ones (the divisor of a mean).
-    """
-    for j in range(m):
-        po = old_parent[j]
-        pn = parent_row[dirty[j]]
-        ov = old_val[j]
-        nv = cur[dirty[j]]
-        if po >= 0 and np.isfinite(np.float64(ov)):
-            acc[po] -= _fixed(ov, scale)
-            nvalid[po] -= 1
-        if pn >= 0 and np.isfinite(np.float64(nv)):
-            acc[pn] += _fixed(nv, scale)
-            nvalid[pn] += 1
-
-
-@njit(cache=True)
-def agg_extreme(dirty, m, old_parent, parent_row, old_val, cur, ext, ties, sign, recompute, n_rc):
-    """Max (sign=1) or min (sign=-1) over children, with ``ties[p]`` = how many children hold
-    the extreme value.
-
-    A better new value updates the parent in place; a parent loses its extreme only when the
-    last child holding it worsens or leaves, and is then appended to ``recompute``
-    (len >= n_rc + m) for ``recompute_extreme``. Returns the new ``n_rc``.
-    """
-    for j in range(m):
-        c = dirty[j]
-        po = old_parent[j]
-        pn = parent_row[c]
-        ov = np.float64(old_val[j])
-        nv = np.float64(cur[c])
-        if po == pn and (ov == nv or (ov != ov and nv != nv)):
-            continue
-        if po >= 0 and ov == ov and ov == np.float64(ext[po]):
-            ties[po] -= 1
-            if ties[po] == 0:
-                recompute[n_rc] = po
-                n_rc += 1
-        if pn >= 0 and nv == nv:
-            e = np.float64(ext[pn])
-            if e != e or sign * nv > sign * e:
-                ext[pn] = nv
-                ties[pn] = 1
-            elif nv == e:
-                ties[pn] += 1
-    return n_rc
 
 
 @njit(cache=True)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from vecswim import codegen
 from vecswim.deadletter import DeadLetters, validate_events
 from vecswim.kernels import dirty as kdirty
-from vecswim.kernels import events as kev
 from vecswim.kernels import links as klinks
 from vecswim.schema import AgentType, Custom, Link, State
 from vecswim.sinks import Sink
@@ -41,15 +41,6 @@ class TickStats:
     dirty: int
     work: int
     seconds: float
-
-
-@dataclass
-class _Step:
-    kind: str
-    column: str
-    input: str | State | None
-    params: tuple
-    trace: bool
 
 
 class _LinkState:
@@ -148,19 +139,82 @@ class Engine:
         for link in links:
             self._add_link(link)
         self._order = self._level_order()
+        self._generate_kernels()
 
     # -- construction -----------------------------------------------------------------------
-    def _compile_rules(self, at: AgentType) -> list[_Step]:
-        traced = {
-            c.rule.input.column for c in at.columns if c.rule and isinstance(c.rule.input, State)
+    def _compile_rules(self, at: AgentType) -> list[codegen.RuleSpec]:
+        traced = {i.column for k in at.kernels for i in k.inputs if isinstance(i, State)}
+        specs = []
+        for c in at.columns:
+            if c.rule is None:
+                continue
+            inp = c.rule.input
+            params = c.rule.params
+            if c.rule.kind == "hysteresis":
+                up, down, low, high = params
+                params = (up, down, c.np_dtype.type(low), c.np_dtype.type(high))
+            specs.append(
+                codegen.RuleSpec(
+                    kind=c.rule.kind,
+                    column=c.name,
+                    input=inp.column if isinstance(inp, State) else inp,
+                    from_state=isinstance(inp, State),
+                    params=params,
+                    trace=c.name in traced,
+                )
+            )
+        return specs
+
+    def _generate_kernels(self) -> None:
+        """Generate and load the fused event, propagation and emission loops."""
+        sources = []
+        self._event_src: dict[str, codegen.Source] = {}
+        self._emit_src: dict[str, codegen.Source] = {}
+        self._prop_src: dict[str, codegen.Source] = {}
+        self._aggs: dict[str, list[codegen.AggSpec]] = {}
+        for name, t in self.tables.items():
+            via = [n for n, ls in self.links.items() if ls.link.child == name and ls.link.via]
+            hidden_count = {c: f"{c}__n" for c in t.cols if f"{c}__n" in t.hidden}
+            self._event_src[name] = codegen.event_pass(
+                f"event_pass_{name}",
+                list(t.snap_columns),
+                list(t.snap_parent),
+                self._steps[name],
+                via,
+                hidden_count,
+            )
+            emitted = [(c, t.deadband[c] if t.dtypes[c].kind == "f" else None) for c in t.last]
+            self._emit_src[name] = codegen.emit_pass(f"emit_pass_{name}", emitted)
+            sources += [self._event_src[name], self._emit_src[name]]
+        hidden_names = {
+            "count": ("n",),
+            "sum": ("acc", "valid"),
+            "mean": ("acc", "valid"),
+            "min": ("ties",),
+            "max": ("ties",),
         }
-        for k in at.kernels:
-            traced |= {i.column for i in k.inputs if isinstance(i, State)}
-        return [
-            _Step(c.rule.kind, c.name, c.rule.input, c.rule.params, c.name in traced)
-            for c in at.columns
-            if c.rule is not None
-        ]
+        for name, ls in self.links.items():
+            aggs = []
+            for col, agg in ls.link.aggregates.items():
+                is_float = agg.column is not None and ls.child.dtypes[agg.column].kind == "f"
+                aggs.append(
+                    codegen.AggSpec(
+                        column=col,
+                        kind=agg.kind,
+                        child_column=agg.column,
+                        scale=float(agg.scale) if is_float else 0.0,
+                        hidden=tuple(f"__{name}.{col}.{h}" for h in hidden_names[agg.kind]),
+                    )
+                )
+            self._aggs[name] = aggs
+            self._prop_src[name] = codegen.propagate(
+                f"propagate_{name}",
+                list(ls.parent.snap_columns),
+                list(ls.parent.snap_parent),
+                aggs,
+            )
+            sources.append(self._prop_src[name])
+        self._kernels = codegen.load(*sources)
 
     def _add_link(self, link: Link) -> None:
         if link.name in self.links or link.name in self.types:
@@ -383,7 +437,6 @@ class Engine:
         perm = _locality_order(rows, table.n)
         if perm is not None:
             rows = rows[perm]
-        table.mark(rows, tick)
         fields: dict[str, np.ndarray] = {}
         traces: dict[str, np.ndarray] = {}
 
@@ -396,39 +449,41 @@ class Engine:
                 fields[inp] = arr = arr if perm is None else arr[perm]
             return arr
 
-        for st in self._steps[table.name]:
-            col = table.cols[st.column]
-            tr = np.empty(len(rows), col.dtype) if st.trace else np.empty(0, col.dtype)
-            if st.kind == "count":
-                kev.count(rows, col, tr)
-            elif st.kind == "mean":
-                kev.mean(rows, value(st.input), col, table.hidden[f"{st.column}__n"], tr)
-            elif st.kind == "ewma":
-                kev.ewma(rows, value(st.input), col, tr, *st.params)
-            elif st.kind == "hysteresis":
-                up, down, low, high = st.params
-                kev.hysteresis(
-                    rows,
-                    value(st.input),
-                    col,
-                    tr,
-                    up,
-                    down,
-                    col.dtype.type(low),
-                    col.dtype.type(high),
-                )
-            else:
-                _SIMPLE[st.kind](rows, value(st.input), col, tr)
-            if st.trace:
-                traces[st.column] = tr
-        for k in at.kernels:
-            _call_custom(k, rows, value, table)
-        for ls in self.links.values():
+        via: dict[str, np.ndarray] = {}
+        for name, ls in self.links.items():
             if ls.link.child == table.name and ls.link.via is not None:
                 pkeys = batch.column(ls.link.via)
                 if perm is not None:
                     pkeys = pkeys.take(pa.array(perm))
-                self._assign(ls, rows, ls.parent.resolve(pkeys))
+                via[name] = ls.parent.resolve(pkeys)
+                ls.reserve(len(rows))
+        table.reserve_dirty(len(rows))
+        src = self._event_src[table.name]
+        args = []
+        for b in src.bindings:
+            kind = b[0]
+            if kind == "rows":
+                args.append(rows)
+            elif kind == "tick":
+                args.append(tick)
+            elif kind == "x":
+                args.append(value(b[1]))
+            elif kind == "trace":
+                traces[b[1]] = tr = np.empty(len(rows), table.dtypes[b[1]])
+                args.append(tr)
+            elif kind == "pk":
+                args.append(via[b[1]])
+            elif kind in _LINK_BINDINGS:
+                ls = self.links[b[1]]
+                args.append(getattr(ls, _LINK_BINDINGS[kind]))
+            else:
+                args.append(_table_binding(table, b))
+        res = getattr(self._kernels, src.name)(*args)
+        table.n_dirty = table.n_snapped = res[0]
+        for k, name in enumerate(via):
+            self.links[name].n_delta = res[1 + k]
+        for k in at.kernels:
+            _call_custom(k, rows, value, table)
 
     def _assign(self, ls: _LinkState, crow: np.ndarray, prow: np.ndarray) -> None:
         ls.reserve(len(crow))
@@ -448,68 +503,65 @@ class Engine:
         m = child.n_dirty
         if m == 0:
             return
-        dirty = child.dirty
-        old_parent = child.snap_parent[link.name]
-        prow = child.parent_row[link.name]
         parent.reserve_dirty(2 * m)
-        start = parent.n_dirty
-        parent.n_dirty = klinks.mark_parents(
-            dirty, m, old_parent, prow, parent.stamp, tick, parent.dirty, parent.n_dirty
-        )
-        parent.snapshot(start)
+        src = self._prop_src[link.name]
+        recompute: dict[str, np.ndarray] = {}
+        args = []
+        for b in src.bindings:
+            kind = b[0]
+            if kind == "dirty":
+                args.append(child.dirty)
+            elif kind == "m":
+                args.append(m)
+            elif kind == "old_parent":
+                args.append(child.snap_parent[link.name])
+            elif kind == "prow":
+                args.append(child.parent_row[link.name])
+            elif kind == "tick":
+                args.append(tick)
+            elif kind == "csnap":
+                args.append(child.snap[b[1]])
+            elif kind == "ccol":
+                args.append(child.column(b[1]))
+            elif kind == "recompute":
+                recompute[b[1]] = rc = np.empty(m, np.int32)
+                args.append(rc)
+            elif kind == "zero":
+                args.append(0)
+            else:
+                args.append(_parent_binding(parent, b))
+        res = getattr(self._kernels, src.name)(*args)
+        parent.n_dirty = parent.n_snapped = res[0]
         pd = parent.dirty[: parent.n_dirty]
-        for col, agg in link.aggregates.items():
-            out = parent.cols[col]
+        n_rc = iter(res[1:])
+        for agg in self._aggs[link.name]:
+            out = parent.cols[agg.column]
             if agg.kind == "count":
-                cnt = parent.hidden[f"__{link.name}.{col}.n"]
-                klinks.agg_count(dirty, m, old_parent, prow, cnt)
-                out[pd] = cnt[pd]
+                out[pd] = parent.hidden[agg.hidden[0]][pd]
             elif agg.kind in ("sum", "mean"):
-                acc = parent.hidden[f"__{link.name}.{col}.acc"]
-                valid = parent.hidden[f"__{link.name}.{col}.valid"]
-                cur = child.column(agg.column)
-                scale = float(agg.scale) if cur.dtype.kind == "f" else 0.0
-                klinks.agg_sum(
-                    dirty, m, old_parent, prow, child.snap[agg.column], cur, scale, acc, valid
-                )
-                total = acc[pd] / scale if scale else acc[pd]
+                acc = parent.hidden[agg.hidden[0]][pd]
+                total = acc / agg.scale if agg.scale else acc
                 if agg.kind == "sum":
                     out[pd] = total
                 else:
-                    v = valid[pd]
+                    valid = parent.hidden[agg.hidden[1]][pd]
                     with np.errstate(invalid="ignore", divide="ignore"):
-                        out[pd] = np.where(v > 0, np.asarray(total, np.float64) / v, np.nan)
+                        out[pd] = np.where(valid > 0, np.asarray(total, np.float64) / valid, np.nan)
             else:
-                sign = 1.0 if agg.kind == "max" else -1.0
-                cur = child.column(agg.column)
-                ties = parent.hidden[f"__{link.name}.{col}.ties"]
-                rc = np.empty(m, np.int32)
-                n_rc = klinks.agg_extreme(
-                    dirty,
-                    m,
-                    old_parent,
-                    prow,
-                    child.snap[agg.column],
-                    cur,
-                    out,
-                    ties,
-                    sign,
-                    rc,
-                    0,
-                )
-                if n_rc:
+                k = next(n_rc)
+                if k:
                     self._scanned += klinks.recompute_extreme(
-                        np.unique(rc[:n_rc]),
+                        np.unique(recompute[agg.column][:k]),
                         ls.indptr,
                         ls.children,
                         ls.delta_head,
                         ls.delta_next,
                         ls.delta_child,
-                        prow,
-                        cur,
+                        child.parent_row[link.name],
+                        child.column(agg.child_column),
                         out,
-                        ties,
-                        sign,
+                        parent.hidden[agg.hidden[0]],
+                        1.0 if agg.kind == "max" else -1.0,
                     )
 
     def _broadcast(self, ls: _LinkState, tick: int) -> None:
@@ -554,28 +606,38 @@ class Engine:
             n = t.n_dirty
             if n == 0 or not t.last:
                 continue
-            changed = np.zeros(n, np.bool_)
-            for name, last in t.last.items():
-                cur = t.cols[name]
-                if cur.dtype.kind == "f":
-                    kdirty.changed_float(t.dirty, n, cur, last, t.deadband[name], changed)
+            src = self._emit_src[t.name]
+            out_rows = np.empty(n, np.int32)
+            outs = {c: np.empty(n, t.dtypes[c]) for c in t.last}
+            args = []
+            for b in src.bindings:
+                kind = b[0]
+                if kind == "dirty":
+                    args.append(t.dirty)
+                elif kind == "n":
+                    args.append(n)
+                elif kind == "first_new":
+                    args.append(t.first_new)
+                elif kind == "out_rows":
+                    args.append(out_rows)
+                elif kind == "out":
+                    args.append(outs[b[1]])
+                elif kind == "last":
+                    args.append(t.last[b[1]])
                 else:
-                    kdirty.changed_exact(t.dirty, n, cur, last, changed)
-            sel = np.empty(n, np.int32)
-            rows = sel[: kdirty.select(t.dirty, n, changed, t.first_new, sel)]
-            if len(rows) == 0:
+                    args.append(_table_binding(t, b))
+            k = getattr(self._kernels, src.name)(*args)
+            if k == 0:
                 continue
+            rows = out_rows[:k]
             cols = {
                 t.type.key: t.key_array(rows),
-                "tick": pa.array(np.full(len(rows), tick, np.int64)),
+                "tick": pa.array(np.full(k, tick, np.int64)),
             }
-            for name, last in t.last.items():
-                cur = t.cols[name]
-                v = np.empty(len(rows), cur.dtype)
-                kdirty.take_emitted(rows, cur, last, v)
-                cols[name] = pa.array(v)
+            for c, v in outs.items():
+                cols[c] = pa.array(v[:k])
             batch = pa.RecordBatch.from_pydict(cols)
-            total += len(rows)
+            total += k
             for s in self.sinks:
                 s.write(tick, t.name, batch)
         return total
@@ -594,7 +656,61 @@ def _locality_order(rows: np.ndarray, n_rows: int) -> np.ndarray | None:
     return kdirty.bucket_order(rows, shift, (n_rows >> shift) + 1)
 
 
-_SIMPLE = {"latest": kev.latest, "sum": kev.sum_, "min": kev.min_, "max": kev.max_}
+_LINK_BINDINGS = {
+    "track": "track",
+    "dhead": "delta_head",
+    "dnext": "delta_next",
+    "dchild": "delta_child",
+    "nd": "n_delta",
+}
+
+
+def _table_binding(t: StateTable, b: tuple) -> object:
+    """Resolve a generated kernel's argument binding against a state table."""
+    kind = b[0]
+    if kind == "stamp":
+        return t.stamp
+    if kind == "dirty":
+        return t.dirty
+    if kind == "n_dirty":
+        return t.n_dirty
+    if kind == "col":
+        return t.column(b[1])
+    if kind == "hidden":
+        return t.hidden[b[1]]
+    if kind == "snap":
+        return t.snap[b[1]]
+    if kind == "snapp":
+        return t.snap_parent[b[1]]
+    if kind in ("prow", "lprow"):
+        return t.parent_row[b[1]]
+    if kind == "param":
+        return b[1]
+    raise KeyError(f"unknown binding {b!r}")
+
+
+def _parent_binding(p: StateTable, b: tuple) -> object:
+    """Resolve a propagation kernel binding that refers to the parent table."""
+    kind = b[0]
+    if kind == "pstamp":
+        return p.stamp
+    if kind == "pdirty":
+        return p.dirty
+    if kind == "n_pdirty":
+        return p.n_dirty
+    if kind == "psnap":
+        return p.snap[b[1]]
+    if kind == "pcol":
+        return p.column(b[1])
+    if kind == "psnapp":
+        return p.snap_parent[b[1]]
+    if kind == "pprow":
+        return p.parent_row[b[1]]
+    if kind == "phidden":
+        return p.hidden[b[1]]
+    if kind == "param":
+        return b[1]
+    raise KeyError(f"unknown binding {b!r}")
 
 
 def _call_custom(k: Custom, rows: np.ndarray, value: Callable, table: StateTable) -> None:
