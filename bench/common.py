@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 from numba import njit
 from vecswim.scenarios import engines
 
@@ -14,10 +13,7 @@ def loaded_engines(agents: int, seed: int = 0, chunk: int = 200_000):
     gen = engines.Generator(agents, seed=seed)
     eng = engines.build_engine(agents)
     for start in range(0, agents, chunk):
-        i = np.arange(start, min(agents, start + chunk))
-        batch = gen.make(len(i))["engine"]
-        batch = batch.set_column(0, "engine_id", pa.array(gen.engine_ids(i)))
-        eng.tick({"engine": batch})
+        eng.tick(gen.make_for(np.arange(start, min(agents, start + chunk))))
     return eng, gen
 
 

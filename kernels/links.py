@@ -14,6 +14,7 @@ are skipped, and a child listed twice is harmless because every user is idempote
 
 import numpy as np
 from numba import njit
+from vecswim.kernels.prefetch import prefetch
 
 
 @njit(cache=True)
@@ -60,73 +61,67 @@ def recompute_extreme(
     ties,
     sign,
 ):
-    """ext[p] = max/min over p's current children (NaN if none) and ties[p] = how many hold
-    it, for each p in ``parents``. O(children of those parents); returns how many child
-    entries it visited. A child listed twice (CSR and delta) is counted once.
+    """ext[p] = max (sign=1) / min (sign=-1) over p's current children (NaN if none) and
+    ties[p] = how many distinct children hold it, for each p in ``parents``.
+
+    One pass over p's CSR segment (children sorted ascending, each at most once) plus p's
+    delta list; a delta child also valid in the CSR segment (it moved away and back) or listed
+    twice is counted once. O(children of those parents); returns the entries visited.
     """
     n_csr = len(indptr) - 1
     visited = 0
     for k in range(len(parents)):
         p = parents[k]
         best = np.nan
-        before = visited
+        n_best = 0
+        lo = hi = 0
         if p < n_csr:
-            visited += indptr[p + 1] - indptr[p]
-            for e in range(indptr[p], indptr[p + 1]):
+            lo = indptr[p]
+            hi = indptr[p + 1]
+            visited += hi - lo
+            for e in range(lo, hi):
+                if e + 16 < hi:
+                    ca = children[e + 16]
+                    prefetch(parent_row, ca)
+                    prefetch(cur, ca)
                 c = children[e]
                 if parent_row[c] == p:
                     v = np.float64(cur[c])
-                    if v == v and (best != best or sign * v > sign * best):
-                        best = v
+                    if v == v:
+                        if best != best or sign * v > sign * best:
+                            best = v
+                            n_best = 1
+                        elif v == best:
+                            n_best += 1
+        extra = 0
         e = delta_head[p]
         while e >= 0:
-            visited += 1
-            c = delta_child[e]
-            if parent_row[c] == p:
-                v = np.float64(cur[c])
-                if v == v and (best != best or sign * v > sign * best):
-                    best = v
+            extra += 1
             e = delta_next[e]
+        visited += extra
+        if extra:
+            found = np.empty(extra, np.int32)
+            n_found = 0
+            e = delta_head[p]
+            while e >= 0:
+                c = delta_child[e]
+                if parent_row[c] == p:
+                    at = lo + np.searchsorted(children[lo:hi], c)
+                    if not (at < hi and children[at] == c):
+                        found[n_found] = c
+                        n_found += 1
+                e = delta_next[e]
+            for c in np.unique(found[:n_found]):
+                v = np.float64(cur[c])
+                if v == v:
+                    if best != best or sign * v > sign * best:
+                        best = v
+                        n_best = 1
+                    elif v == best:
+                        n_best += 1
         ext[p] = best
-        ties[p] = _count_equal(
-            p,
-            best,
-            visited - before,
-            indptr,
-            children,
-            delta_head,
-            delta_next,
-            delta_child,
-            parent_row,
-            cur,
-        )
+        ties[p] = n_best
     return visited
-
-
-@njit(cache=True)
-def _count_equal(
-    p, best, n_seen, indptr, children, delta_head, delta_next, delta_child, parent_row, cur
-):
-    # A child may be listed twice (CSR and delta list after moving away and back), so count
-    # distinct children; ``n_seen`` bounds how many entries p has.
-    if best != best:
-        return 0
-    found = np.empty(n_seen, np.int32)
-    n = 0
-    if p < len(indptr) - 1:
-        for e in range(indptr[p], indptr[p + 1]):
-            c = children[e]
-            if parent_row[c] == p and np.float64(cur[c]) == best:
-                found[n] = c
-                n += 1
-    e = delta_head[p]
-    while e >= 0:
-        c = delta_child[e]
-        if parent_row[c] == p and np.float64(cur[c]) == best:
-            found[n] = c
-            n += 1
-        e = delta_next[e]
-    return len(np.unique(found[:n]))
 
 
 @njit(cache=True)

@@ -106,8 +106,13 @@ class Generator:
         return 1_000_000_000 + np.asarray(f, np.int64)
 
     def make(self, n: int) -> dict[str, pa.RecordBatch]:
+        """``n`` events for uniformly random engines."""
+        return self.make_for(self.rng.integers(0, self.agents, n))
+
+    def make_for(self, i: np.ndarray) -> dict[str, pa.RecordBatch]:
+        """One event for each engine index in ``i`` (in that order)."""
         rng = self.rng
-        i = rng.integers(0, self.agents, n)
+        n = len(i)
         clock = (self.produced + np.arange(n)) / (self.agents * self.period)
         self.produced += n
         cycle = np.sin(2.0 * np.pi * (clock + unit(i, 5)))

@@ -129,8 +129,13 @@ class Generator:
         engine.set_links("region_city", self.region_ids(r), self.city_ids(r % self.cities))
 
     def make(self, n: int) -> dict[str, pa.RecordBatch]:
+        """``n`` readings from uniformly random sensors."""
+        return self.make_for(self.rng.integers(0, self.agents, n))
+
+    def make_for(self, i: np.ndarray) -> dict[str, pa.RecordBatch]:
+        """One reading for each sensor index in ``i`` (in that order)."""
         rng = self.rng
-        i = rng.integers(0, self.agents, n)
+        n = len(i)
         base = 5.0 + 50.0 * unit(i, 3)
         batch = pa.RecordBatch.from_pydict(
             {
