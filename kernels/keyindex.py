@@ -1,8 +1,9 @@
 """Open-addressing hash index from agent keys to row ids.
 
 The slot array holds row ids only (int32, -1 = empty); the key itself is read back from the
-state table's key storage. That keeps the index at 4 bytes per slot, so with the maximum
-load factor of 0.7 it costs 5.7-11.4 bytes per agent. Linear probing, power-of-two size.
+state table's key storage. That keeps the index at 4 bytes per slot; any slot count works
+(a hash maps to a slot by multiply-shift, not by masking), so with a maximum load factor of
+0.6 it costs 6.7 bytes per agent right after growth. Linear probing.
 
 Int64 keys are compared against ``table_keys[row]``; string keys are compared byte-wise
 against the table's key dictionary (``dict_offsets``/``dict_data``, Arrow large-string
@@ -33,10 +34,22 @@ def mix64(x):
 
 
 @njit(cache=True)
-def _home_slots(batch_keys, mask):
+def _next(s, n_slots):
+    s += np.uint64(1)
+    return s if s < n_slots else np.uint64(0)
+
+
+@njit(cache=True)
+def home(h, n_slots):
+    """Map a 64-bit hash to a slot in [0, n_slots) by multiply-shift (n_slots < 2**32)."""
+    return ((h >> np.uint64(32)) * np.uint64(n_slots)) >> np.uint64(32)
+
+
+@njit(cache=True)
+def _home_slots(batch_keys, n_slots):
     h = np.empty(len(batch_keys), np.uint64)
     for i in range(len(batch_keys)):
-        h[i] = mix64(batch_keys[i]) & mask
+        h[i] = home(mix64(batch_keys[i]), n_slots)
     return h
 
 
@@ -49,8 +62,8 @@ def int_lookup_or_insert(batch_keys, start, slots, table_keys, n_rows, limit, ou
     Returns ``(new row count, i)``: ``i == len(batch_keys)`` when done, else the first key
     that needed row ``limit``. O(len(batch_keys)) expected.
     """
-    mask = np.uint64(len(slots) - 1)
-    h = _home_slots(batch_keys, mask)
+    n_slots = np.uint64(len(slots))
+    h = _home_slots(batch_keys, n_slots)
     n = len(batch_keys)
     for i in range(start, len(batch_keys)):
         # Prefetch the home slot of key i+D and the key of key i+D/2's row, so the two
@@ -76,15 +89,15 @@ def int_lookup_or_insert(batch_keys, start, slots, table_keys, n_rows, limit, ou
             if table_keys[r] == k:
                 out_rows[i] = r
                 break
-            s = (s + np.uint64(1)) & mask
+            s = _next(s, n_slots)
     return n_rows, len(batch_keys)
 
 
 @njit(cache=True)
 def int_lookup(batch_keys, slots, table_keys, out_rows):
     """Like ``int_lookup_or_insert`` but never inserts: unknown keys map to -1."""
-    mask = np.uint64(len(slots) - 1)
-    h = _home_slots(batch_keys, mask)
+    n_slots = np.uint64(len(slots))
+    h = _home_slots(batch_keys, n_slots)
     n = len(batch_keys)
     for i in range(len(batch_keys)):
         # Prefetch the home slot of key i+D and the key of key i+D/2's row, so the two
@@ -105,17 +118,17 @@ def int_lookup(batch_keys, slots, table_keys, out_rows):
             if table_keys[r] == k:
                 out_rows[i] = r
                 break
-            s = (s + np.uint64(1)) & mask
+            s = _next(s, n_slots)
 
 
 @njit(cache=True)
 def int_rebuild(slots, table_keys, n_rows):
     """Re-insert rows ``0..n_rows`` into an empty (all -1) slot array. O(n_rows)."""
-    mask = np.uint64(len(slots) - 1)
+    n_slots = np.uint64(len(slots))
     for r in range(n_rows):
-        s = mix64(table_keys[r]) & mask
+        s = home(mix64(table_keys[r]), n_slots)
         while slots[s] != EMPTY:
-            s = (s + np.uint64(1)) & mask
+            s = _next(s, n_slots)
         slots[s] = r
 
 
@@ -148,11 +161,11 @@ def str_lookup_or_insert(
     New strings are appended to ``dict_data`` with ``dict_offsets[n_rows + 1]`` marking their
     end. Caller guarantees ``len(dict_data) >= dict_offsets[n_rows] + batch bytes``.
     """
-    mask = np.uint64(len(slots) - 1)
+    n_slots = np.uint64(len(slots))
     for i in range(start, len(offsets) - 1):
         a0 = offsets[i]
         a1 = offsets[i + 1]
-        s = bytes_hash(data, a0, a1) & mask
+        s = home(bytes_hash(data, a0, a1), n_slots)
         while True:
             r = slots[s]
             if r == EMPTY:
@@ -169,16 +182,16 @@ def str_lookup_or_insert(
             if _bytes_equal(data, a0, a1, dict_data, dict_offsets[r], dict_offsets[r + 1]):
                 out_rows[i] = r
                 break
-            s = (s + np.uint64(1)) & mask
+            s = _next(s, n_slots)
     return n_rows, len(offsets) - 1
 
 
 @njit(cache=True)
 def str_rebuild(slots, dict_offsets, dict_data, n_rows):
     """Re-insert dictionary entries ``0..n_rows`` into an empty slot array."""
-    mask = np.uint64(len(slots) - 1)
+    n_slots = np.uint64(len(slots))
     for r in range(n_rows):
-        s = bytes_hash(dict_data, dict_offsets[r], dict_offsets[r + 1]) & mask
+        s = home(bytes_hash(dict_data, dict_offsets[r], dict_offsets[r + 1]), n_slots)
         while slots[s] != EMPTY:
-            s = (s + np.uint64(1)) & mask
+            s = _next(s, n_slots)
         slots[s] = r

@@ -23,7 +23,9 @@ def colliding_keys(n_slots: int, count: int, seed: int) -> np.ndarray:
     """Distinct int64 keys that all hash to the same home slot of an n_slots index."""
     rng = np.random.default_rng(seed)
     cand = np.unique(rng.integers(-(2**63), 2**63 - 1, 200_000, dtype=np.int64))
-    home = np.array([int(kidx.mix64(k)) & (n_slots - 1) for k in cand[:20_000]])
+    home = np.array(
+        [int(kidx.home(np.uint64(kidx.mix64(k)), np.uint64(n_slots))) for k in cand[:20_000]]
+    )
     target = np.bincount(home).argmax()
     return cand[:20_000][home == target][:count]
 
@@ -46,9 +48,9 @@ def test_int_keys_match_dict(batches, capacity):
 
 
 def test_int_keys_adversarial_collisions_and_growth():
-    keys = colliding_keys(16, 40, seed=1)
+    keys = colliding_keys(23, 40, seed=1)
     assert len(keys) >= 8
-    table = StateTable(INT_T, 4)  # forces several slot rebuilds while the chain grows
+    table = StateTable(INT_T, 4)  # a 23-slot index at first: the chain grows through rebuilds
     seen: dict = {}
     for chunk in np.array_split(np.concatenate([keys, keys[::-1], keys]), 7):
         assert table.resolve(chunk).tolist() == dict_resolve(seen, chunk.tolist())

@@ -13,12 +13,8 @@ from vecswim.kernels import dirty as kdirty
 from vecswim.kernels import keyindex as kidx
 from vecswim.schema import AgentType
 
-MAX_LOAD = 0.7
+MAX_LOAD = 0.6
 _GROWTH = 1.5
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(4, int(n - 1).bit_length())
 
 
 class StateTable:
@@ -55,7 +51,7 @@ class StateTable:
         self.keys = np.empty(0, np.int64)
         self.dict_offsets = np.zeros(1, np.int64)
         self.dict_data = np.empty(0, np.uint8)
-        self.slots = np.full(16, kidx.EMPTY, np.int32)
+        self.slots = np.full(23, kidx.EMPTY, np.int32)
         self.parent_row: dict[str, np.ndarray] = {}
         self.dirty = np.empty(1024, np.int32)
         self.n_dirty = 0
@@ -118,7 +114,7 @@ class StateTable:
     def _grow_slots(self, need_rows: int) -> None:
         if need_rows <= MAX_LOAD * len(self.slots):
             return
-        self.slots = np.full(_pow2_at_least(int(need_rows / MAX_LOAD) + 1), kidx.EMPTY, np.int32)
+        self.slots = np.full(int(need_rows / MAX_LOAD) + 1, kidx.EMPTY, np.int32)
         if self.string_keys:
             kidx.str_rebuild(self.slots, self.dict_offsets, self.dict_data, self.n)
         else:
