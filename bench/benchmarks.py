@@ -7,9 +7,9 @@ pre-generated batch of ``BATCH`` events. Set-up is untimed.
 import time
 
 import numpy as np
+from vecswim.scenarios import engines
 
 from bench.common import loaded_engines
-from vecswim.scenarios import engines
 from vecswim.table import StateTable
 
 BATCH = 200_000
