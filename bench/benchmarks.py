@@ -16,8 +16,8 @@ BATCH = 200_000
 
 
 class EnginesTick:
-    params = [1_000_000, 10_000_000]
-    param_names = ["agents"]
+    params = (1_000_000, 10_000_000)
+    param_names = ("agents",)
     timeout = 900
     number = 1
     rounds = 1
@@ -59,8 +59,8 @@ class EnginesTick:
 
 
 class KeyIndex:
-    params = [1_000_000, 10_000_000]
-    param_names = ["agents"]
+    params = (1_000_000, 10_000_000)
+    param_names = ("agents",)
     timeout = 600
     number = 1
     rounds = 1
