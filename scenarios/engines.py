@@ -60,6 +60,8 @@ ENGINE_FLEET = vs.Link(
     },
 )
 
+# The agent type the generator addresses events to.
+EVENT_TYPE = "engine"
 AGENT_TYPES = (ENGINE, FLEET)
 LINKS = (ENGINE_FLEET,)
 

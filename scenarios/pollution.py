@@ -86,6 +86,8 @@ REGION_CITY = vs.Link(
     broadcast={"city_mean_level": "mean_level"},
 )
 
+# The agent type the generator addresses events to.
+EVENT_TYPE = "sensor"
 AGENT_TYPES = (SENSOR, REGION, CITY)
 LINKS = (SENSOR_REGION, REGION_CITY)
 

@@ -18,6 +18,9 @@ from vecswim import scenarios as _scenarios
 from vecswim.sinks import NDJSONSink, ParquetSink
 from vecswim.sources import GeneratorSource
 
+# Names of pulsar_io.SUBSCRIPTION_TYPES, kept here so --help never imports the Pulsar client.
+SUBSCRIPTION_TYPES = ["exclusive", "failover", "key_shared", "shared"]
+
 
 class _Status:
     """Collects tick stats and prints a status line about once a second."""
@@ -151,6 +154,61 @@ def list_scenarios() -> None:
     "PATH-stem.<agent type>.parquet), PATH.ndjson, or '-' for NDJSON on stdout.",
 )
 @click.option("--quiet", is_flag=True, help="No live status line, only the summary.")
+@click.option(
+    "--pulsar",
+    "service_url",
+    default=None,
+    metavar="URL",
+    help="Consume events from Pulsar at URL instead of the built-in generator.",
+)
+@click.option("--topic", "topics", multiple=True, help="Input topic (repeatable).")
+@click.option("--topic-pattern", default=None, help="Input topics by regex instead of --topic.")
+@click.option("--subscription", default="vecswim", show_default=True)
+@click.option(
+    "--subscription-type",
+    type=click.Choice(SUBSCRIPTION_TYPES),
+    default="exclusive",
+    show_default=True,
+)
+@click.option(
+    "--initial-position",
+    type=click.Choice(["earliest", "latest"]),
+    default="earliest",
+    show_default=True,
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["json", "arrow"]),
+    default="json",
+    show_default=True,
+    help="Input payload format.",
+)
+@click.option(
+    "--key-from",
+    type=click.Choice(["payload", "message"]),
+    default="payload",
+    show_default=True,
+    help="Agent key from a payload field or the message key.",
+)
+@click.option("--out-topic", default=None, help="Publish emissions to this topic.")
+@click.option(
+    "--out-format", type=click.Choice(["json", "arrow"]), default="json", show_default=True
+)
+@click.option("--dlq-topic", default=None, help="Dead-letter topic for bad messages.")
+@click.option(
+    "--idle-exit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --pulsar: stop after this many seconds without events.",
+)
+@click.option("--auth-token", default=None, help="Pulsar token authentication.")
+@click.option(
+    "--tls-trust-certs",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="CA file for pulsar+ssl:// URLs.",
+)
 def run(
     scenario: str,
     agents: int,
@@ -162,13 +220,34 @@ def run(
     seed: int,
     emit_path: str | None,
     quiet: bool,
+    service_url: str | None,
+    topics: tuple[str, ...],
+    topic_pattern: str | None,
+    subscription: str,
+    subscription_type: str,
+    initial_position: str,
+    fmt: str,
+    key_from: str,
+    out_topic: str | None,
+    out_format: str,
+    dlq_topic: str | None,
+    idle_exit: float | None,
+    auth_token: str | None,
+    tls_trust_certs: str | None,
 ) -> None:
-    """Run SCENARIO on its built-in generator (no broker needed).
+    """Run SCENARIO on its built-in generator (no broker needed), or on events from Pulsar
+    (--pulsar URL --topic T).
 
     Prints a live status line (events/s, tick p50/p99, agents, emitted rows, bytes/agent)
     and a summary at the end.
     """
     mod = _scenarios.get(scenario)
+    if service_url is None:
+        for name in ("topics", "topic_pattern", "out_topic", "dlq_topic", "idle_exit"):
+            if locals()[name]:
+                raise click.UsageError(f"--{name.replace('_', '-')} needs --pulsar")
+    elif not topics and not topic_pattern:
+        raise click.UsageError("--pulsar needs --topic or --topic-pattern")
     _scenarios.warm_up(mod)
     engine = mod.build_engine(agents)
     gen = mod.Generator(agents, seed=seed)
@@ -185,25 +264,231 @@ def run(
                 "must end in .parquet or .ndjson, or be '-'", param_hint="--emit"
             )
         engine.add_sink(sink)
+    if service_url is None:
+        source = GeneratorSource(gen.make, rate=rate, total=total_events)
+        what = f"{'max' if rate == 0 else f'{rate:,.0f}'} events/s from the generator"
+    else:
+        from vecswim import pulsar_io
+
+        opts = _client_options(auth_token, tls_trust_certs)
+        source = pulsar_io.PulsarSource(
+            service_url,
+            engine.types[mod.EVENT_TYPE],
+            engine.event_fields(mod.EVENT_TYPE),
+            topics=list(topics) if topics else None,
+            topic_pattern=topic_pattern,
+            subscription=subscription,
+            subscription_type=subscription_type,
+            initial_position=initial_position,
+            fmt=fmt,
+            key_from=key_from,
+            dlq_topic=dlq_topic,
+            options=opts,
+        )
+        engine.dead_letters.add_sink(source.dead_rows)
+        if out_topic:
+            engine.add_sink(pulsar_io.PulsarSink(service_url, out_topic, out_format, options=opts))
+        if idle_exit:
+            source = _IdleExit(source, idle_exit)
+        what = f"events from {service_url} {', '.join(topics) or topic_pattern}"
     status = _Status(engine, quiet)
     click.echo(
-        f"vecswim: running {scenario} with {agents:,} agents at "
-        f"{'max' if rate == 0 else f'{rate:,.0f}'} events/s for {seconds:g}s",
-        err=True,
+        f"vecswim: running {scenario} with {agents:,} agents, {what}, for {seconds:g}s", err=True
     )
-    engine.run(
-        GeneratorSource(gen.make, rate=rate, total=total_events),
-        max_events=max_events,
-        tick_ms=tick_ms,
-        seconds=seconds,
-        on_tick=status,
-    )
+    try:
+        engine.run(source, max_events=max_events, tick_ms=tick_ms, seconds=seconds, on_tick=status)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
     if status.tty and not quiet:
         click.echo("", err=True)
     click.echo(status.summary(), err=True)
+    if service_url is not None:
+        c = source.counts
+        click.echo(
+            f"pulsar           messages {c['messages']:,}  events {c['events']:,}  "
+            f"dead messages {c['dead_messages']:,}  dead rows {c['dead_rows']:,}",
+            err=True,
+        )
     if isinstance(sink, ParquetSink):
         for at, p in sink.paths.items():
             click.echo(f"emissions of {at}: {p}", err=True)
+
+
+def _client_options(auth_token: str | None, tls_trust_certs: str | None):
+    import pulsar
+
+    from vecswim import pulsar_io
+
+    return pulsar_io.ClientOptions(
+        authentication=pulsar.AuthenticationToken(auth_token) if auth_token else None,
+        tls_trust_certs_file_path=tls_trust_certs,
+    )
+
+
+class _IdleExit:
+    """Wraps a source: reports it exhausted after ``idle`` seconds without events."""
+
+    def __init__(self, source, idle: float) -> None:
+        self.source = source
+        self.idle = idle
+        self.last = time.monotonic()
+
+    def poll(self, max_events: int, timeout: float):
+        got = self.source.poll(max_events, timeout)
+        now = time.monotonic()
+        if got:
+            self.last = now
+        elif now - self.last > self.idle:
+            return None
+        return got
+
+    def commit(self) -> None:
+        self.source.commit()
+
+    def close(self) -> None:
+        self.source.close()
+
+    @property
+    def counts(self) -> dict:
+        return self.source.counts
+
+
+@cli.command("produce")
+@click.argument("scenario", type=click.Choice(sorted(_scenarios.SCENARIOS)), metavar="SCENARIO")
+@click.option("--pulsar", "service_url", required=True, metavar="URL", help="Pulsar service URL.")
+@click.option("--topic", required=True, help="Topic to publish to.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=100_000,
+    show_default=True,
+    help="Events per second; 0 = as fast as possible.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["json", "arrow"]), default="json", show_default=True
+)
+@click.option("--agents", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option(
+    "--seconds", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True
+)
+@click.option(
+    "--events",
+    "total_events",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many events.",
+)
+@click.option(
+    "--events-per-message",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Arrow format: events per message.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--auth-token", default=None)
+@click.option("--tls-trust-certs", type=click.Path(exists=True, dir_okay=False), default=None)
+def produce(
+    scenario: str,
+    service_url: str,
+    topic: str,
+    rate: float,
+    fmt: str,
+    agents: int,
+    seconds: float,
+    total_events: int | None,
+    events_per_message: int,
+    seed: int,
+    auth_token: str | None,
+    tls_trust_certs: str | None,
+) -> None:
+    """Publish SCENARIO's generated events to a Pulsar topic."""
+    from vecswim import pulsar_io
+
+    mod = _scenarios.get(scenario)
+    gen = mod.Generator(agents, seed=seed)
+    key = next(at.key for at in mod.AGENT_TYPES if at.name == mod.EVENT_TYPE)
+    pub = pulsar_io.EventPublisher(
+        service_url,
+        topic,
+        key,
+        fmt,
+        events_per_message,
+        _client_options(auth_token, tls_trust_certs),
+    )
+    source = GeneratorSource(gen.make, rate=rate, total=total_events)
+    start = time.perf_counter()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        got = source.poll(50_000, 0.05)
+        if got is None:
+            break
+        for batch in got.values():
+            pub.publish(batch)
+    pub.close()
+    dt = time.perf_counter() - start
+    click.echo(
+        f"published {pub.events:,} events in {pub.messages:,} messages to {topic} "
+        f"({pub.events / dt:,.0f} events/s)",
+        err=True,
+    )
+
+
+@cli.group("pulsar")
+def pulsar_group() -> None:
+    """Run a local Apache Pulsar standalone broker (fetched with Maven on first use)."""
+
+
+@pulsar_group.command("fetch")
+def pulsar_fetch() -> None:
+    """Download the broker's jars into the cache (what 'standalone' does first)."""
+    from vecswim import broker
+
+    t0 = time.perf_counter()
+    lib = broker.fetch(quiet=False)
+    click.echo(f"pulsar {broker.PULSAR_VERSION} jars in {lib} ({time.perf_counter() - t0:.1f}s)")
+
+
+@pulsar_group.command("standalone")
+@click.option(
+    "--data",
+    "data_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Broker data directory (default: the vecswim cache).",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=6650, show_default=True)
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--bookie-port", type=click.IntRange(1, 65535), default=3181, show_default=True)
+@click.option("--heap", default="768m", show_default=True, help="JVM heap size.")
+def pulsar_standalone(
+    data_dir: str | None, port: int, http_port: int, bookie_port: int, heap: str
+) -> None:
+    """Start a standalone broker in the background and print its service URL."""
+    from vecswim import broker
+
+    t0 = time.perf_counter()
+    try:
+        b = broker.start(data_dir, port, http_port, bookie_port, heap)
+    except broker.BrokerError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(b.service_url)
+    click.echo(
+        f"broker pid {b.pid}, admin {b.admin_url}, data {b.data_dir}, "
+        f"ready in {time.perf_counter() - t0:.1f}s",
+        err=True,
+    )
+
+
+@pulsar_group.command("stop")
+@click.option("--data", "data_dir", type=click.Path(file_okay=False), default=None)
+def pulsar_stop(data_dir: str | None) -> None:
+    """Stop the standalone broker started with the same --data."""
+    from vecswim import broker
+
+    click.echo("stopped" if broker.stop(data_dir) else "no broker was running", err=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.UsageError as e:
         click.echo(f"vecswim: error: {' '.join(e.format_message().split())}", err=True)
         return 2
+    except click.exceptions.ClickException as e:
+        click.echo(f"vecswim: error: {' '.join(e.format_message().split())}", err=True)
+        return 1
     except click.exceptions.Abort:
         click.echo("vecswim: aborted", err=True)
         return 130

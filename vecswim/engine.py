@@ -298,7 +298,7 @@ class Engine:
         for name, batch in (events or {}).items():
             if name not in tables:
                 raise KeyError(f"events for unknown agent type {name!r}")
-            good, dead = validate_events(self.types[name], self._event_schema(name), batch)
+            good, dead = validate_events(self.types[name], self.event_fields(name), batch)
             if dead is not None:
                 n_dead += dead.num_rows
                 self.dead_letters.write(tick, name, dead)
@@ -352,8 +352,9 @@ class Engine:
         on_tick: Callable[[TickStats], None] | None = None,
     ) -> None:
         """Poll ``source`` and tick until it is exhausted, ``seconds`` pass or ``max_ticks``
-        ticks ran. A tick closes at ``max_events`` events or after ``tick_ms`` ms.
-        Sinks are flushed and closed at the end."""
+        ticks ran. A tick closes at ``max_events`` events or after ``tick_ms`` ms. After each
+        tick the sinks are flushed and then the source commits (acknowledges) what the tick
+        consumed. Sinks are closed at the end."""
         deadline = None if seconds is None else time.monotonic() + seconds
         ticks = 0
         try:
@@ -364,6 +365,11 @@ class Engine:
                 if events is None:
                     break
                 stats = self.tick(events)
+                for s in self.sinks:
+                    s.flush()
+                commit = getattr(source, "commit", None)
+                if commit is not None:
+                    commit()
                 ticks += 1
                 if on_tick is not None:
                     on_tick(stats)
@@ -424,7 +430,9 @@ class Engine:
                 t.restamp()
             self.tick_id = 1
 
-    def _event_schema(self, name: str) -> dict[str, np.dtype]:
+    def event_fields(self, name: str) -> dict[str, np.dtype | str]:
+        """Event fields the engine reads for agent type ``name`` (besides its key), with the
+        dtype each is cast to; parent-key fields of links have the parent's key dtype."""
         fields = dict(self._fields[name])
         for ls in self.links.values():
             if ls.link.child == name and ls.link.via is not None:

@@ -2,8 +2,10 @@
 
 Contract: the engine calls ``write(tick, agent_type, batch)`` once per agent type per tick that
 emitted anything; ``batch`` holds the key, ``tick`` and the emitted columns of the changed rows
-(never unchanged ones). ``close()`` flushes and is idempotent. A sink that raises stops the
-tick: sink errors are surfaced, never swallowed.
+(never unchanged ones). ``flush()`` is called at the end of every tick, before the source
+acknowledges the tick's input, and makes everything written so far durable where the sink can
+(emissions are at-least-once). ``close()`` flushes and is idempotent. A sink that raises
+stops the run: sink errors are surfaced, never swallowed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import pyarrow.parquet as pq
 class Sink(Protocol):
     def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None: ...
 
+    def flush(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -32,6 +36,9 @@ class CallbackSink:
 
     def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
         self.fn(tick, agent_type, batch)
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -50,6 +57,9 @@ class MemorySink:
         """All emissions of one agent type, in tick order (None if it never emitted)."""
         b = self.batches.get(agent_type)
         return pa.Table.from_batches(b) if b else None
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -77,6 +87,9 @@ class ParquetSink:
             self.paths[agent_type] = p
         w.write_batch(batch)
 
+    def flush(self) -> None:
+        """Parquet row groups become durable only when the file is closed."""
+
     def close(self) -> None:
         for w in self.writers.values():
             w.close()
@@ -99,6 +112,10 @@ class NDJSONSink:
     def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
         df = pl.from_arrow(batch).with_columns(pl.lit(agent_type).alias("agent_type"))
         df.write_ndjson(self._file())
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:

@@ -1,0 +1,231 @@
+"""A real Apache Pulsar standalone broker, started and stopped by vecswim.
+
+``fetch()`` resolves ``org.apache.pulsar:pulsar-broker`` and its dependency closure from Maven
+Central with Maven into a cache directory outside the repository (no jars are committed); a
+second call finds them there. ``start()`` writes a minimal standalone configuration and runs
+``org.apache.pulsar.PulsarStandaloneStarter`` (RocksDB metadata, one local bookie, no
+functions worker, no stream storage) with a bounded heap, in its own process group, then
+waits until the binary port accepts connections and the admin health check answers 200.
+``stop()`` ends it (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from vecswim.codegen import cache_dir
+
+PULSAR_VERSION = "4.0.7"
+
+_POM = """<project>
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>vecswim</groupId>
+  <artifactId>pulsar-standalone-deps</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.pulsar</groupId>
+      <artifactId>pulsar-broker</artifactId>
+      <version>{version}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+# Pulsar's poms name extra repositories; resolve everything from Maven Central only.
+_SETTINGS = """<settings>
+  <mirrors>
+    <mirror>
+      <id>central-only</id>
+      <mirrorOf>*,!central</mirrorOf>
+      <url>http://0.0.0.0/blocked</url>
+      <blocked>true</blocked>
+    </mirror>
+  </mirrors>
+</settings>
+"""
+_CONF = """clusterName=standalone
+brokerServicePort={port}
+webServicePort={http_port}
+bindAddress=127.0.0.1
+advertisedAddress=127.0.0.1
+metadataStoreUrl=
+managedLedgerDefaultEnsembleSize=1
+managedLedgerDefaultWriteQuorum=1
+managedLedgerDefaultAckQuorum=1
+allowAutoTopicCreation=true
+allowAutoTopicCreationType=non-partitioned
+brokerDeleteInactiveTopicsEnabled=false
+functionsWorkerEnabled=false
+httpServerEnabled=false
+journalSyncData=false
+maxMessageSize={max_message_size}
+dbStorage_writeCacheMaxSizeMb=64
+dbStorage_readAheadCacheMaxSizeMb=64
+dbStorage_rocksDB_blockCacheSize=33554432
+"""
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be fetched, started or stopped; the message says why."""
+
+
+@dataclass(frozen=True)
+class Broker:
+    """A running standalone broker: where to reach it and where it keeps its files."""
+
+    service_url: str
+    admin_url: str
+    data_dir: Path
+    pid: int
+
+
+def pulsar_home(version: str = PULSAR_VERSION) -> Path:
+    return cache_dir() / "pulsar" / version
+
+
+def fetch(version: str = PULSAR_VERSION, quiet: bool = True) -> Path:
+    """Resolve the broker's jars into the cache (once); returns the folder of jars."""
+    home = pulsar_home(version)
+    lib = home / "lib"
+    done = home / ".complete"
+    if done.exists():
+        return lib
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "pom.xml").write_text(_POM.format(version=version))
+    (home / "settings.xml").write_text(_SETTINGS)
+    cmd = [
+        "mvn", "-B", *(["-q"] if quiet else []), "-s", str(home / "settings.xml"),
+        "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
+        f"-DoutputDirectory={lib}", "-DincludeScope=runtime",
+    ]  # fmt: skip
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    except FileNotFoundError:
+        raise BrokerError("Maven (mvn) is not installed; it is needed to fetch Pulsar") from None
+    if r.returncode != 0:
+        tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
+        raise BrokerError(f"mvn could not resolve pulsar-broker {version}: {tail}")
+    done.write_text(version)
+    return lib
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _healthy(http_port: int) -> bool:
+    url = f"http://127.0.0.1:{http_port}/admin/v2/brokers/health"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start(
+    data_dir: str | Path | None = None,
+    port: int = 6650,
+    http_port: int = 8080,
+    bookie_port: int = 3181,
+    heap: str = "768m",
+    max_message_size: int = 5 * 1024 * 1024,
+    timeout: float = 180.0,
+    version: str = PULSAR_VERSION,
+) -> Broker:
+    """Start a standalone broker (fetching jars if needed) and wait until it is healthy.
+
+    Raises :class:`BrokerError` with the end of the broker log if it does not come up within
+    ``timeout`` seconds, or if one of the ports is already taken.
+    """
+    data = Path(data_dir) if data_dir else cache_dir() / "pulsar-data"
+    data.mkdir(parents=True, exist_ok=True)
+    for p in (port, http_port, bookie_port):
+        if _port_open(p):
+            raise BrokerError(
+                f"port {p} is already in use (is a broker running? 'vecswim pulsar stop')"
+            )
+    lib = fetch(version)
+    conf = data / "standalone.conf"
+    conf.write_text(_CONF.format(port=port, http_port=http_port, max_message_size=max_message_size))
+    log = open(data / "pulsar.log", "ab")  # noqa: SIM115 - handed to the child process
+    cmd = [
+        "java", f"-Xms{heap}", f"-Xmx{heap}", "-XX:MaxDirectMemorySize=512m",
+        "-Dpulsar.log.level=warn", "-cp", f"{lib}/*",
+        "org.apache.pulsar.PulsarStandaloneStarter", "--config", str(conf),
+        "--no-functions-worker", "--no-stream-storage",
+        "--metadata-dir", str(data / "metadata"), "--bookkeeper-dir", str(data / "bookkeeper"),
+        "--bookkeeper-port", str(bookie_port),
+    ]  # fmt: skip
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data, start_new_session=True
+        )
+    except FileNotFoundError:
+        raise BrokerError("Java (java) is not installed; Pulsar needs Java 17+") from None
+    finally:
+        log.close()
+    (data / "pulsar.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BrokerError(f"broker exited with {proc.returncode}: {_log_tail(data)}")
+        if _port_open(port) and _healthy(http_port):
+            return Broker(
+                f"pulsar://127.0.0.1:{port}", f"http://127.0.0.1:{http_port}", data, proc.pid
+            )
+        time.sleep(0.5)
+    _kill(proc.pid)
+    raise BrokerError(f"broker not healthy after {timeout:.0f}s: {_log_tail(data)}")
+
+
+def _log_tail(data: Path) -> str:
+    try:
+        lines = (data / "pulsar.log").read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return " | ".join(lines[-5:])
+
+
+def _kill(pid: int, grace: float = 20.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def stop(data_dir: str | Path | None = None) -> bool:
+    """Stop the broker whose pid file is in ``data_dir``; False if none was running."""
+    data = Path(data_dir) if data_dir else cache_dir() / "pulsar-data"
+    pid_file = data / "pulsar.pid"
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text())
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        pid_file.unlink()
+        return False
+    _kill(pid)
+    pid_file.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,520 @@
+"""Apache Pulsar source and sink.
+
+Source contract (see ``vecswim.sources``): ``poll`` returns the decoded events of one batch
+receive (or several, up to ``max_events`` / ``timeout``); ``commit`` acknowledges every
+message polled so far and is called by the engine only after the tick that applied them
+completed and the sinks were flushed, so a message is never acknowledged before its effect
+exists (at-least-once; exactly-once state comes with checkpoints). Messages that cannot be
+decoded, or whose rows the engine rejects, are published to the dead-letter topic with the
+reason as the ``reason`` property before they are acknowledged, and counted.
+
+Decoding is bulk: JSON payloads (one event per message) are joined into one NDJSON buffer and
+parsed by Arrow in one call against the agent type's event schema; a bad message is found by
+bisection only when a batch fails to parse. Arrow IPC payloads (many events per message) are
+read zero-copy. The only per-message Python is what the client forces (``data()``,
+``message_id()``, ``partition_key()``).
+
+Backpressure: the consumer's receiver queue is bounded and the engine polls only when it is
+ready for the next tick, so a slow engine stops pulling instead of buffering without limit.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import pulsar
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.json as pajson
+
+from vecswim.schema import AgentType
+
+SUBSCRIPTION_TYPES = {
+    "exclusive": pulsar.ConsumerType.Exclusive,
+    "failover": pulsar.ConsumerType.Failover,
+    "shared": pulsar.ConsumerType.Shared,
+    "key_shared": pulsar.ConsumerType.KeyShared,
+}
+POSITIONS = {"earliest": pulsar.InitialPosition.Earliest, "latest": pulsar.InitialPosition.Latest}
+FORMATS = ("json", "arrow")
+
+
+@dataclass
+class ClientOptions:
+    """Connection settings passed through to ``pulsar.Client``: an ``authentication`` object
+    (e.g. ``pulsar.AuthenticationToken(...)``) and TLS files/flags."""
+
+    authentication: object | None = None
+    tls_trust_certs_file_path: str | None = None
+    tls_allow_insecure_connection: bool = False
+    tls_validate_hostname: bool = False
+    tls_certificate_file_path: str | None = None
+    tls_private_key_file_path: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def client(service_url: str, options: ClientOptions | None = None) -> pulsar.Client:
+    """A quiet ``pulsar.Client`` (client logs at error level only)."""
+    o = options or ClientOptions()
+    return pulsar.Client(
+        service_url,
+        authentication=o.authentication,
+        tls_trust_certs_file_path=o.tls_trust_certs_file_path,
+        tls_allow_insecure_connection=o.tls_allow_insecure_connection,
+        tls_validate_hostname=o.tls_validate_hostname,
+        tls_certificate_file_path=o.tls_certificate_file_path,
+        tls_private_key_file_path=o.tls_private_key_file_path,
+        logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error),
+        **o.extra,
+    )
+
+
+def event_schema(at: AgentType, fields: dict[str, object], key_from_message: bool) -> pa.Schema:
+    """The Arrow schema events of ``at`` are decoded with: key (unless it comes from the
+    message key) and every field the engine reads, at the engine's dtypes."""
+    cols = [] if key_from_message else [(at.key, _arrow(at.key_dtype))]
+    cols += [(name, _arrow(dt)) for name, dt in fields.items() if name != at.key]
+    return pa.schema(cols)
+
+
+def _arrow(dt: object) -> pa.DataType:
+    if dt == "string":
+        return pa.large_string()
+    if dt == "int64":
+        return pa.int64()
+    return pa.from_numpy_dtype(np.dtype(dt))
+
+
+class PulsarSource:
+    """Events for one agent type from Pulsar topics.
+
+    ``topics``: a topic name, a list of them, or ``topic_pattern`` (regex) instead.
+    ``subscription_type``: exclusive, failover, shared or key_shared. ``fmt``: "json" (one
+    event per message) or "arrow" (an Arrow IPC stream of events per message).
+    ``key_from``: "payload" (the agent type's key field) or "message" (the message key).
+    ``dlq_topic``: where undecodable or rejected events go (None: counted and dropped).
+    ``max_payload_bytes``: larger messages are dead-lettered unread.
+    """
+
+    def __init__(
+        self,
+        service_url: str,
+        agent_type: AgentType,
+        fields: dict[str, object],
+        topics: str | Sequence[str] | None = None,
+        topic_pattern: str | None = None,
+        subscription: str = "vecswim",
+        subscription_type: str = "exclusive",
+        initial_position: str = "earliest",
+        fmt: str = "json",
+        key_from: str = "payload",
+        dlq_topic: str | None = None,
+        receiver_queue_size: int = 20_000,
+        batch_max_messages: int = 10_000,
+        batch_timeout_ms: int = 5,
+        max_payload_bytes: int = 1 << 20,
+        options: ClientOptions | None = None,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        if (topics is None) == (topic_pattern is None):
+            raise ValueError("give either topics or topic_pattern")
+        if key_from not in ("payload", "message"):
+            raise ValueError("key_from must be 'payload' or 'message'")
+        if key_from == "message" and fmt == "arrow":
+            raise ValueError("key_from='message' needs one event per message (fmt='json')")
+        self.agent_type = agent_type
+        self.fmt = fmt
+        self.key_from_message = key_from == "message"
+        self.schema = event_schema(agent_type, fields, self.key_from_message)
+        self.max_payload_bytes = max_payload_bytes
+        self.sub_type = subscription_type.lower()
+        self.client = client(service_url, options)
+        topic = re.compile(topic_pattern) if topic_pattern else topics
+        self.single_topic = isinstance(topics, str)
+        self.consumer = self.client.subscribe(
+            topic,
+            subscription,
+            consumer_type=SUBSCRIPTION_TYPES[self.sub_type],
+            initial_position=POSITIONS[initial_position],
+            receiver_queue_size=receiver_queue_size,
+            batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
+                batch_max_messages, 64 << 20, batch_timeout_ms
+            ),
+        )
+        self.dlq = (
+            self.client.create_producer(
+                dlq_topic,
+                batching_enabled=True,
+                batching_max_publish_delay_ms=5,
+                block_if_queue_full=True,
+            )
+            if dlq_topic
+            else None
+        )
+        self._dlq_errors: list[str] = []
+        self._pending: list = []
+        self.counts = {"messages": 0, "events": 0, "dead_messages": 0, "dead_rows": 0}
+
+    # -- polling ------------------------------------------------------------------------------
+    def poll(self, max_events: int, timeout: float) -> dict[str, pa.Table]:
+        deadline = time.monotonic() + timeout
+        msgs: list = []
+        while len(msgs) < max_events:
+            got = self.consumer.batch_receive()
+            msgs += got
+            if time.monotonic() >= deadline or (not got and msgs):
+                break
+            if self.fmt == "arrow" and msgs:
+                break  # each message holds many events: one receive is a tick's worth
+        if not msgs:
+            return {}
+        self.counts["messages"] += len(msgs)
+        self._pending += msgs
+        payloads = [m.data() for m in msgs]
+        if self.fmt == "json":
+            table, bad = decode_json(payloads, self.schema, self.max_payload_bytes)
+            keep = _without(len(msgs), [i for i, _ in bad])
+        else:
+            table, bad, keep = decode_arrow(payloads, self.schema, self.max_payload_bytes)
+        if self.key_from_message and table is not None:
+            keys = [msgs[i].partition_key() for i in keep]
+            table, bad_keys = _add_message_keys(table, keys, keep, self.agent_type)
+            bad += bad_keys
+        for i, reason in bad:
+            self._dead_message(msgs[i], reason)
+        self.counts["dead_messages"] += len(bad)
+        if table is None or table.num_rows == 0:
+            return {}
+        self.counts["events"] += table.num_rows
+        return {self.agent_type.name: table}
+
+    def _dead_message(self, msg, reason: str) -> None:
+        if self.dlq is None:
+            return
+        props = {"reason": reason[:1000], "source_message_id": str(msg.message_id())}
+        key = msg.partition_key()
+        self.dlq.send_async(msg.data(), self._dlq_done, properties=props, partition_key=key or None)
+
+    def dead_rows(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
+        """Dead-letter sink for rows the engine rejected after decoding (as JSON rows)."""
+        self.counts["dead_rows"] += batch.num_rows
+        if self.dlq is None:
+            return
+        reasons = batch.column("reason").to_pylist()
+        body = pl.from_arrow(batch.drop_columns(["reason"]))
+        buf = io.BytesIO()
+        body.write_ndjson(buf)
+        for line, reason in zip(buf.getvalue().splitlines(), reasons, strict=True):
+            self.dlq.send_async(line, self._dlq_done, properties={"reason": reason})
+
+    def _dlq_done(self, res, _msg_id) -> None:
+        if res != pulsar.Result.Ok:
+            self._dlq_errors.append(str(res))
+
+    # -- commit -------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Acknowledge everything polled so far: its tick is complete and its dead letters
+        are durably published. Raises if a dead letter could not be published (nothing is
+        acknowledged then)."""
+        if self.dlq is not None:
+            self.dlq.flush()
+        if self._dlq_errors:
+            err, self._dlq_errors = self._dlq_errors, []
+            raise RuntimeError(f"dead-letter publish failed: {err[0]}")
+        if not self._pending:
+            return
+        if self.single_topic and self.sub_type in ("exclusive", "failover"):
+            self.consumer.acknowledge_cumulative(self._pending[-1])
+        else:
+            for m in self._pending:
+                self.consumer.acknowledge(m)
+        self._pending = []
+
+    def close(self) -> None:
+        """Close consumer and client without acknowledging anything not committed."""
+        if self.dlq is not None:
+            self.dlq.flush()
+            self.dlq.close()
+        self.consumer.close()
+        self.client.close()
+
+
+def _without(n: int, drop: list[int]) -> list[int]:
+    dropped = set(drop)
+    return [i for i in range(n) if i not in dropped]
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def decode_json(
+    payloads: list[bytes], schema: pa.Schema, max_bytes: int
+) -> tuple[pa.Table | None, list[tuple[int, str]]]:
+    """Parse one JSON object per payload in one Arrow call; returns (rows of the good
+    payloads in order, [(index, reason)] of the bad ones). Bad payloads are isolated by
+    bisection, so a clean batch costs one parse."""
+    bad: list[tuple[int, str]] = []
+    good: list[int] = []
+    for i, p in enumerate(payloads):
+        if not p:
+            bad.append((i, "empty payload"))
+        elif len(p) > max_bytes:
+            bad.append((i, f"payload of {len(p)} bytes exceeds {max_bytes}"))
+        else:
+            good.append(i)
+    opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
+    block = max(1 << 20, max_bytes + 2)
+
+    def parse(idx: list[int]) -> tuple[list[pa.Table], list[tuple[int, str]]]:
+        lines = [payloads[i] for i in idx]
+        joined = b"\n".join(lines)
+        try:
+            if joined.count(b"\n") != len(lines) - 1:
+                # JSON allows raw newlines only as whitespace: fold them to spaces
+                joined = b"\n".join(x.replace(b"\n", b" ").replace(b"\r", b" ") for x in lines)
+            t = pajson.read_json(
+                pa.BufferReader(joined),
+                read_options=pajson.ReadOptions(block_size=block, use_threads=False),
+                parse_options=opts,
+            )
+            if t.num_rows == len(idx):
+                return [t], []
+            err = f"payload is not exactly one JSON object ({t.num_rows} rows)"
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            err = _first_line(e)
+        if len(idx) == 1:
+            return [], [(idx[0], err)]
+        mid = len(idx) // 2
+        t1, b1 = parse(idx[:mid])
+        t2, b2 = parse(idx[mid:])
+        return t1 + t2, b1 + b2
+
+    tables, more_bad = parse(good) if good else ([], [])
+    bad += more_bad
+    bad.sort()
+    if not tables:
+        return None, bad
+    return (tables[0] if len(tables) == 1 else pa.concat_tables(tables)), bad
+
+
+def decode_arrow(
+    payloads: list[bytes], schema: pa.Schema, max_bytes: int
+) -> tuple[pa.Table | None, list[tuple[int, str]], list[int]]:
+    """Read each payload as an Arrow IPC stream (zero-copy) and conform it to ``schema``;
+    returns (all events, [(index, reason)] of bad payloads, indexes of good payloads)."""
+    tables = []
+    bad: list[tuple[int, str]] = []
+    keep: list[int] = []
+    names = set(schema.names)
+    for i, p in enumerate(payloads):  # one message = many events: per-message work is amortized
+        if len(p) > max_bytes:
+            bad.append((i, f"payload of {len(p)} bytes exceeds {max_bytes}"))
+            continue
+        try:
+            t = ipc.open_stream(pa.py_buffer(p)).read_all()
+            extra = set(t.column_names) - names
+            if extra:
+                raise ValueError(f"unknown field(s) {sorted(extra)}")
+            missing = names - set(t.column_names)
+            if missing:
+                raise ValueError(f"missing field(s) {sorted(missing)}")
+            t = t.select(schema.names).cast(schema)
+        except (pa.ArrowException, ValueError, OSError) as e:
+            bad.append((i, f"arrow: {_first_line(e)}"))
+            continue
+        tables.append(t)
+        keep.append(i)
+    if not tables:
+        return None, bad, keep
+    return pa.concat_tables(tables), bad, keep
+
+
+def _add_message_keys(
+    table: pa.Table, keys: list[str], keep: list[int], at: AgentType
+) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """Append the message keys (one per row, JSON only) as the key column; messages whose key
+    is empty or not an int64 (for int64 agent types) are returned as bad."""
+    arr = pa.array([k or None for k in keys], pa.large_string())
+    if at.key_dtype == "int64":
+        digits = pc.fill_null(pc.match_substring_regex(arr, r"^-?[0-9]{1,19}$"), False)
+        wide = pc.cast(pc.if_else(digits, arr, "0"), pa.decimal128(20, 0))
+        ok = pc.and_(
+            digits,
+            pc.and_(
+                pc.greater_equal(wide, pa.scalar(-(2**63), wide.type)),
+                pc.less_equal(wide, pa.scalar(2**63 - 1, wide.type)),
+            ),
+        )
+        reason = "message key is not an int64"
+        arr = pc.cast(pc.if_else(ok, wide, pa.scalar(0, wide.type)), pa.int64())
+    else:
+        ok = pc.invert(arr.is_null())
+        reason = "empty message key"
+    ok_np = ok.to_numpy(zero_copy_only=False)
+    bad = [(keep[j], reason) for j in np.flatnonzero(~ok_np)]
+    return table.filter(ok).append_column(at.key, arr.filter(ok)), bad
+
+
+class PulsarSink:
+    """Emissions of every agent type to one Pulsar topic.
+
+    ``fmt="json"``: one message per changed row, key = the agent's key, properties
+    ``agent_type`` and ``tick``. ``fmt="arrow"``: one Arrow IPC message per agent type per tick
+    (up to ``rows_per_message`` rows), key = agent type. Producer batching is on; ``flush``
+    waits for every send and raises the first producer error (errors are never swallowed).
+    """
+
+    def __init__(
+        self,
+        service_url: str,
+        topic: str,
+        fmt: str = "json",
+        rows_per_message: int = 10_000,
+        options: ClientOptions | None = None,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        self.fmt = fmt
+        self.rows_per_message = rows_per_message
+        self.client = client(service_url, options)
+        self.producer = self.client.create_producer(
+            topic,
+            batching_enabled=True,
+            batching_max_messages=1000,
+            batching_max_allowed_size_in_bytes=1 << 20,
+            batching_max_publish_delay_ms=5,
+            block_if_queue_full=True,
+            max_pending_messages=20_000,
+        )
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+        self.sent = 0
+        self._closed = False
+
+    def _done(self, res, _msg_id) -> None:
+        if res != pulsar.Result.Ok:
+            with self._lock:
+                self._errors.append(str(res))
+
+    def _raise(self) -> None:
+        with self._lock:
+            if self._errors:
+                err, self._errors = self._errors, []
+                raise RuntimeError(f"Pulsar sink: publish failed: {err[0]}")
+
+    def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
+        self._raise()
+        props = {"agent_type": agent_type, "tick": str(tick)}
+        if self.fmt == "json":
+            keys = [str(k) for k in batch.column(0).to_pylist()]
+            buf = io.BytesIO()
+            pl.from_arrow(batch).with_columns(pl.lit(agent_type).alias("agent_type")).write_ndjson(
+                buf
+            )
+            for line, key in zip(buf.getvalue().splitlines(), keys, strict=True):
+                self.producer.send_async(line, self._done, properties=props, partition_key=key)
+            self.sent += len(keys)
+        else:
+            for off in range(0, batch.num_rows, self.rows_per_message):
+                payload = arrow_payload(batch.slice(off, self.rows_per_message))
+                self.producer.send_async(
+                    payload, self._done, properties=props, partition_key=agent_type
+                )
+                self.sent += 1
+
+    def flush(self) -> None:
+        self.producer.flush()
+        self._raise()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self.producer.close()
+        self.client.close()
+        self._closed = True
+
+
+class EventPublisher:
+    """Publishes event batches to a topic: JSON (one event per message, key = the agent key)
+    or Arrow IPC (``events_per_message`` events per message). Batching producer; ``flush``
+    waits for all sends and raises the first error."""
+
+    def __init__(
+        self,
+        service_url: str,
+        topic: str,
+        key: str,
+        fmt: str = "json",
+        events_per_message: int = 1000,
+        options: ClientOptions | None = None,
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        self.key = key
+        self.fmt = fmt
+        self.events_per_message = events_per_message
+        self.client = client(service_url, options)
+        self.producer = self.client.create_producer(
+            topic,
+            batching_enabled=True,
+            batching_max_messages=1000,
+            batching_max_allowed_size_in_bytes=1 << 20,
+            batching_max_publish_delay_ms=5,
+            block_if_queue_full=True,
+            max_pending_messages=20_000,
+        )
+        self._errors: list[str] = []
+        self.messages = 0
+        self.events = 0
+
+    def _done(self, res, _msg_id) -> None:
+        if res != pulsar.Result.Ok:
+            self._errors.append(str(res))
+
+    def publish(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Send every event of ``batch`` (asynchronously)."""
+        if self.fmt == "json":
+            buf = io.BytesIO()
+            pl.from_arrow(batch).write_ndjson(buf)
+            keys = [str(k) for k in batch.column(self.key).to_pylist()]
+            for line, key in zip(buf.getvalue().splitlines(), keys, strict=True):
+                self.producer.send_async(line, self._done, partition_key=key)
+            self.messages += len(keys)
+        else:
+            for off in range(0, batch.num_rows, self.events_per_message):
+                self.send_raw(arrow_payload(batch.slice(off, self.events_per_message)))
+        self.events += batch.num_rows
+
+    def send_raw(self, payload: bytes, key: str | None = None) -> None:
+        """Send one message as it is (tests of malformed input use this)."""
+        self.producer.send_async(payload, self._done, partition_key=key)
+        self.messages += 1
+
+    def flush(self) -> None:
+        self.producer.flush()
+        if self._errors:
+            raise RuntimeError(f"publish failed: {self._errors[0]}")
+
+    def close(self) -> None:
+        self.flush()
+        self.producer.close()
+        self.client.close()
+
+
+def arrow_payload(batch: pa.RecordBatch | pa.Table) -> bytes:
+    """Events as one Arrow IPC stream message payload."""
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, batch.schema) as w:
+        w.write(batch)
+    return sink.getvalue().to_pybytes()
