@@ -20,3 +20,29 @@ settings.register_profile(
     "vecswim", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=40
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vecswim"))
+
+
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pulsar_broker(tmp_path_factory):
+    """A real Apache Pulsar standalone broker for the whole session, started by the project's
+    own script. A broker that cannot start fails the tests that need it (never a skip)."""
+    from vecswim import broker
+
+    data = tmp_path_factory.mktemp("pulsar")
+    try:
+        b = broker.start(data, port=_free_port(), http_port=_free_port(), bookie_port=_free_port())
+    except broker.BrokerError as e:
+        pytest.fail(f"the Pulsar broker did not start: {e}")
+    yield b
+    broker.stop(data)

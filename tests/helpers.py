@@ -48,3 +48,12 @@ def state_dict(engine: vs.Engine, agent_type: str) -> dict:
     """{key: {col: value}} of a whole state table."""
     t = engine.state(agent_type)
     return canon_rows(t.to_pylist(), engine.types[agent_type].key)
+
+
+def final_state_matches(eng: vs.Engine, agents: dict, agent_type: str, columns) -> None:
+    """Every agent of ``agent_type`` exists exactly as in the reference ``agents``."""
+    state = state_dict(eng, agent_type)
+    assert set(state) == set(agents)
+    for k, a in agents.items():
+        got = {c: state[k][c] for c in columns}
+        assert got == canon_ref({k: {c: a[c] for c in columns}})[k], k

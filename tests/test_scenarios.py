@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from vecswim.scenarios import engines, pollution, setup
 
 import vecswim.engine as engine_mod
-from tests.helpers import TickCapture, canon_ref, canon_rows, state_dict
+from tests.helpers import TickCapture, canon_ref, canon_rows, final_state_matches
 
 
 def run_both(mod, gen, ticks, sizes):
@@ -25,14 +25,6 @@ def run_both(mod, gen, ticks, sizes):
             key = eng.types[at].key
             assert canon_rows(got.get(at, []), key) == canon_ref(rows), f"tick {t + 1} {at}"
     return eng, ref
-
-
-def final_state_matches(eng, agents: dict, agent_type: str, columns):
-    state = state_dict(eng, agent_type)
-    assert set(state) == set(agents)
-    for k, a in agents.items():
-        got = {c: state[k][c] for c in columns}
-        assert got == canon_ref({k: {c: a[c] for c in columns}})[k], k
 
 
 @given(
