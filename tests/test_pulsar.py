@@ -340,3 +340,93 @@ def test_kill_consumer_mid_stream_loses_nothing_acknowledged(pulsar_broker, tmp_
     run1, run2 = agents(tmp_path / "run1.ndjson"), agents(tmp_path / "run2.ndjson")
     assert 0 < len(run1) < n
     assert run1 | run2 == set(gen.engine_ids(np.arange(n)).tolist())
+
+
+def vecswim_cli(*args, timeout=300):
+    exe = str(Path(sys.executable).parent / "vecswim")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_produce_then_run_arrow(pulsar_broker, tmp_path):
+    url = pulsar_broker.service_url
+    t_in = topic("cli")
+    r = vecswim_cli(
+        "produce",
+        "engines",
+        "--pulsar",
+        url,
+        "--topic",
+        t_in,
+        "--rate",
+        "0",
+        "--events",
+        "5000",
+        "--format",
+        "arrow",
+        "--events-per-message",
+        "500",
+        "--agents",
+        "800",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "published 5,000 events in 10 messages" in r.stderr
+    r = vecswim_cli(
+        "run",
+        "engines",
+        "--agents",
+        "800",
+        "--pulsar",
+        url,
+        "--topic",
+        t_in,
+        "--format",
+        "arrow",
+        "--idle-exit",
+        "3",
+        "--seconds",
+        "120",
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr
+    assert "messages 10  events 5,000  dead messages 0  dead rows 0" in r.stderr
+
+
+def test_cli_standalone_and_stop(tmp_path):
+    from tests.conftest import _free_port
+
+    data = tmp_path / "broker"
+    ports = [str(_free_port()) for _ in range(3)]
+    r = vecswim_cli(
+        "pulsar",
+        "standalone",
+        "--data",
+        str(data),
+        "--port",
+        ports[0],
+        "--http-port",
+        ports[1],
+        "--bookie-port",
+        ports[2],
+        "--heap",
+        "512m",
+    )
+    try:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"pulsar://127.0.0.1:{ports[0]}"
+        again = vecswim_cli(
+            "pulsar",
+            "standalone",
+            "--data",
+            str(data),
+            "--port",
+            ports[0],
+            "--http-port",
+            ports[1],
+            "--bookie-port",
+            ports[2],
+        )
+        assert again.returncode == 1 and "already in use" in again.stderr
+        assert len(again.stderr.strip().splitlines()) == 1
+    finally:
+        stop = vecswim_cli("pulsar", "stop", "--data", str(data))
+    assert stop.returncode == 0 and "stopped" in stop.stderr
