@@ -5,13 +5,15 @@ Central with Maven into a cache directory outside the repository (no jars are co
 second call finds them there. ``start()`` writes a minimal standalone configuration and runs
 ``org.apache.pulsar.PulsarStandaloneStarter`` (RocksDB metadata, one local bookie, no
 functions worker, no stream storage) with a bounded heap, in its own process group, then
-waits until the binary port accepts connections and the admin health check answers 200.
+waits until the binary port accepts connections, the admin health check answers 200 and the
+``public/default`` namespace exists.
 ``stop()`` ends it (SIGTERM, then SIGKILL after a grace period).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -126,11 +128,16 @@ def _port_open(port: int) -> bool:
 
 
 def _healthy(http_port: int) -> bool:
-    url = f"http://127.0.0.1:{http_port}/admin/v2/brokers/health"
+    """Health check passes and the default namespace exists (a fresh standalone creates
+    ``public/default`` only after the broker already answers health checks)."""
+    base = f"http://127.0.0.1:{http_port}/admin/v2"
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
+        with urllib.request.urlopen(f"{base}/brokers/health", timeout=5) as r:
+            if r.status != 200:
+                return False
+        with urllib.request.urlopen(f"{base}/namespaces/public", timeout=5) as r:
+            return "public/default" in json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
         return False
 
 

@@ -209,6 +209,35 @@ def list_scenarios() -> None:
     default=None,
     help="CA file for pulsar+ssl:// URLs.",
 )
+@click.option(
+    "--sql-port",
+    type=click.IntRange(0, 65535),
+    default=7654,
+    show_default=True,
+    help="Serve SQL over HTTP on this port (0: any free port).",
+)
+@click.option(
+    "--sql-bind",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the SQL endpoint listens on.",
+)
+@click.option("--sql-token", default=None, help="Require 'Authorization: Bearer TOKEN'.")
+@click.option(
+    "--sql-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Per-query time limit in seconds.",
+)
+@click.option(
+    "--sql-max-rows",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Rows returned at most per query (the rest is cut, and flagged).",
+)
+@click.option("--no-sql", is_flag=True, help="Do not serve SQL.")
 def run(
     scenario: str,
     agents: int,
@@ -234,6 +263,12 @@ def run(
     idle_exit: float | None,
     auth_token: str | None,
     tls_trust_certs: str | None,
+    sql_port: int,
+    sql_bind: str,
+    sql_token: str | None,
+    sql_timeout: float,
+    sql_max_rows: int,
+    no_sql: bool,
 ) -> None:
     """Run SCENARIO on its built-in generator (no broker needed), or on events from Pulsar
     (--pulsar URL --topic T).
@@ -291,16 +326,41 @@ def run(
         if idle_exit:
             source = _IdleExit(source, idle_exit)
         what = f"events from {service_url} {', '.join(topics) or topic_pattern}"
+    server = None
+    if not no_sql:
+        from vecswim.server import SQLServer
+        from vecswim.snapshot import Snapshots
+
+        try:
+            server = SQLServer(
+                Snapshots(engine).attach(),
+                sql_bind,
+                sql_port,
+                sql_token,
+                sql_timeout,
+                sql_max_rows,
+            )
+        except OSError as e:
+            raise click.ClickException(
+                f"cannot serve SQL on {sql_bind}:{sql_port} ({e.strerror}); "
+                "choose --sql-port (0 = any free port) or --no-sql"
+            ) from None
     status = _Status(engine, quiet)
     click.echo(
         f"vecswim: running {scenario} with {agents:,} agents, {what}, for {seconds:g}s", err=True
     )
+    if server is not None:
+        click.echo(
+            f"vecswim: SQL at {server.url}/sql (vecswim sql --url {server.url} ...)", err=True
+        )
     try:
         engine.run(source, max_events=max_events, tick_ms=tick_ms, seconds=seconds, on_tick=status)
     finally:
         close = getattr(source, "close", None)
         if close is not None:
             close()
+        if server is not None:
+            server.close()
     if status.tty and not quiet:
         click.echo("", err=True)
     click.echo(status.summary(), err=True)
@@ -434,6 +494,52 @@ def produce(
         f"({pub.events / dt:,.0f} events/s)",
         err=True,
     )
+
+
+@cli.command("sql")
+@click.argument("query", required=False)
+@click.option(
+    "--url",
+    default="http://127.0.0.1:7654",
+    show_default=True,
+    help="SQL endpoint of a running engine.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True),
+    default=None,
+    help="Write the result to this file (parquet needs it).",
+)
+@click.option("--tables", "list_tables", is_flag=True, help="List the tables and columns.")
+@click.option("--token", default=None, help="Bearer token (vecswim run --sql-token).")
+def sql_command(
+    query: str | None, url: str, fmt: str, output: str | None, list_tables: bool, token: str | None
+) -> None:
+    """Run a read-only SQL QUERY against a running engine and print the result."""
+    from vecswim import client as sqlclient
+
+    if list_tables == (query is not None):
+        raise click.UsageError("give a QUERY or --tables")
+    if fmt == "parquet" and output is None:
+        raise click.UsageError("--format parquet needs --output FILE")
+    try:
+        if list_tables:
+            tick, tables = sqlclient.tables(url, token)
+            click.echo(f"tick {tick}")
+            for name, cols in tables.items():
+                click.echo(f"{name}: " + ", ".join(f"{c['name']} {c['type']}" for c in cols))
+            return
+        result = sqlclient.query(url, query, token)
+    except sqlclient.ClientError as e:
+        raise click.ClickException(str(e)) from None
+    sqlclient.write(result, fmt, output)
 
 
 @cli.group("pulsar")

@@ -20,7 +20,7 @@ from vecswim.deadletter import DeadLetters, validate_events
 from vecswim.kernels import dirty as kdirty
 from vecswim.kernels import links as klinks
 from vecswim.schema import AgentType, Custom, Link, State
-from vecswim.sinks import Sink
+from vecswim.sinks import RecentEmissions, Sink
 from vecswim.table import StateTable
 
 _TICK_WRAP = np.iinfo(np.int32).max - 1
@@ -98,6 +98,36 @@ class _LinkState:
         )
 
 
+class LiveView:
+    """The engine's live state as a SQL view: zero-copy, valid until the next tick."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tick = engine.tick_id
+
+    def agent_tables(self) -> dict[str, pa.Table]:
+        return {name: t.to_arrow() for name, t in self.engine.tables.items()}
+
+    def link_names(self) -> list[str]:
+        return list(self.engine.links)
+
+    def link_table(self, name: str) -> pa.Table:
+        return self.engine.link_table(name)
+
+    def ticks(self) -> pa.Table:
+        from vecswim.sql import ticks_table
+
+        return ticks_table(list(self.engine.recent))
+
+    def metrics(self) -> pa.Table:
+        from vecswim.sql import metrics_table
+
+        return metrics_table(self.engine.metrics())
+
+    def emissions(self) -> dict[str, pa.Table]:
+        return self.engine.emission_log.tables()
+
+
 class Engine:
     """A live graph of agents: one state table per agent type, links between them.
 
@@ -131,6 +161,8 @@ class Engine:
         self.dead_letters = DeadLetters()
         self.totals = {"ticks": 0, "events": 0, "dead_letters": 0, "emitted": 0}
         self.recent: deque[TickStats] = deque(maxlen=recent_ticks)
+        self.emission_log = RecentEmissions()
+        self.after_tick: list[Callable[[TickStats], None]] = []
         self._scanned = 0
         self._pending_links: list[tuple[str, object, object]] = []
         self._steps = {n: self._compile_rules(at) for n, at in self.types.items()}
@@ -340,6 +372,8 @@ class Engine:
         self.totals["dead_letters"] += n_dead
         self.totals["emitted"] += emitted
         self.recent.append(stats)
+        for hook in self.after_tick:
+            hook(stats)
         return stats
 
     def run(
@@ -385,13 +419,26 @@ class Engine:
         """Run one read-only DuckDB query over the live state at the current tick boundary.
 
         Tables: one per agent type (key + state columns), one per link (child key, parent
-        key), ``ticks`` (recent ticks), ``metrics`` (counters). Returns a ``pyarrow.Table``
-        (``output="polars"``: a polars DataFrame). Raises ``vecswim.SQLError`` with DuckDB's
-        message on a bad or forbidden query; the engine is unaffected.
+        key), ``ticks`` (recent ticks), ``metrics`` (counters), ``emissions`` (recent emitted
+        rows: agent_type, tick, key) and ``emissions_<agent type>`` (with their columns).
+        Returns a ``pyarrow.Table`` (``output="polars"``: a polars DataFrame). Raises
+        ``vecswim.SQLError`` with DuckDB's message on a bad or forbidden query; the engine is
+        unaffected. Call it between ticks (same thread); other threads use the SQL server.
         """
-        from vecswim.sql import run_query
+        from vecswim.sql import execute
 
-        return run_query(self, query, output)
+        if output not in ("arrow", "polars"):
+            raise ValueError("output must be 'arrow' or 'polars'")
+        table = execute(LiveView(self), query).table
+        if output == "polars":
+            import polars as pl
+
+            return pl.from_arrow(table)
+        return table
+
+    def metrics(self) -> dict[str, int]:
+        """Counters: ticks, events, dead letters, emitted rows, agents, bytes, current tick."""
+        return dict(self.totals, agents=self.agents, bytes=self.nbytes, tick=self.tick_id)
 
     def state(self, agent_type: str) -> pa.Table:
         """A copy of one state table (key + state columns) as Arrow."""
@@ -646,6 +693,7 @@ class Engine:
                 cols[c] = pa.array(v[:k])
             batch = pa.RecordBatch.from_pydict(cols)
             total += k
+            self.emission_log.write(tick, t.name, batch)
             for s in self.sinks:
                 s.write(tick, t.name, batch)
         return total

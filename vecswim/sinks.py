@@ -11,6 +11,7 @@ stops the run: sink errors are surfaced, never swallowed.
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Protocol
@@ -123,3 +124,29 @@ class NDJSONSink:
             if self._fh is not sys.stdout.buffer:
                 self._fh.close()
             self._fh = None
+
+
+class RecentEmissions:
+    """The most recent emitted rows of each agent type, at most ``keep_rows`` per type (for
+    the ``emissions`` SQL tables). Keeps references to the emitted batches: O(1) per batch."""
+
+    def __init__(self, keep_rows: int = 100_000) -> None:
+        self.keep_rows = keep_rows
+        self._batches: dict[str, deque[pa.RecordBatch]] = {}
+        self._rows: dict[str, int] = {}
+        self._schemas: dict[str, pa.Schema] = {}
+
+    def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
+        q = self._batches.setdefault(agent_type, deque())
+        self._schemas[agent_type] = batch.schema
+        q.append(batch)
+        self._rows[agent_type] = self._rows.get(agent_type, 0) + batch.num_rows
+        while self._rows[agent_type] - q[0].num_rows >= self.keep_rows:
+            self._rows[agent_type] -= q.popleft().num_rows
+
+    def tables(self) -> dict[str, pa.Table]:
+        """Agent type -> its recent emissions (oldest first)."""
+        return {
+            at: pa.Table.from_batches(list(q), schema=self._schemas[at])
+            for at, q in self._batches.items()
+        }
