@@ -53,7 +53,7 @@ def _home_slots(batch_keys, n_slots):
     return h
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def int_lookup_or_insert(batch_keys, start, slots, table_keys, n_rows, limit, out_rows):
     """Resolve ``batch_keys[start:]`` to rows, appending unseen keys as new rows.
 
@@ -93,7 +93,7 @@ def int_lookup_or_insert(batch_keys, start, slots, table_keys, n_rows, limit, ou
     return n_rows, len(batch_keys)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def int_lookup(batch_keys, slots, table_keys, out_rows):
     """Like ``int_lookup_or_insert`` but never inserts: unknown keys map to -1."""
     n_slots = np.uint64(len(slots))
@@ -151,7 +151,7 @@ def _bytes_equal(a, a0, a1, b, b0, b1):
     return True
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def str_lookup_or_insert(
     offsets, data, start, slots, dict_offsets, dict_data, n_rows, limit, out_rows
 ):

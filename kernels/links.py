@@ -47,7 +47,7 @@ def fixed(v, scale):
     return np.int64(np.rint(np.float64(v) * scale))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def recompute_extreme(
     parents,
     indptr,

@@ -70,7 +70,11 @@ class Source:
 
     def render(self) -> str:
         sig = ", ".join(self.args)
-        return f"\n\n@njit(cache=True)\ndef {self.name}({sig}):\n" + "\n".join(self.body) + "\n"
+        return (
+            f"\n\n@njit(cache=True, nogil=True)\ndef {self.name}({sig}):\n"
+            + "\n".join(self.body)
+            + "\n"
+        )
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ class Snapshots:
         self.refreshes = 0
         self.skipped = 0
         self.refresh_seconds = 0.0
+        self.last_refresh_seconds = 0.0
         self._refresh(self._buffers[0])
 
     def attach(self) -> Snapshots:
@@ -90,10 +91,12 @@ class Snapshots:
             busy = back.readers > 0
         if busy:
             self.skipped += 1
+            self.last_refresh_seconds = 0.0
             return
         t0 = time.perf_counter()
         self._refresh(back)
-        self.refresh_seconds += time.perf_counter() - t0
+        self.last_refresh_seconds = time.perf_counter() - t0
+        self.refresh_seconds += self.last_refresh_seconds
         with self._lock:
             self._published = 1 - self._published
         self.refreshes += 1
