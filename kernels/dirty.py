@@ -52,3 +52,13 @@ def bucket_order(rows, shift, n_buckets):
         perm[start[b]] = i
         start[b] += 1
     return perm
+
+
+@njit(cache=True, nogil=True)
+def copy_rows(rows, src, dst, limit):
+    """dst[r] = src[r] for every r in ``rows`` below ``limit`` (a snapshot refresh; runs
+    without the GIL so query threads keep going)."""
+    for i in range(len(rows)):
+        r = rows[i]
+        if r < limit:
+            dst[r] = src[r]

@@ -237,6 +237,13 @@ def list_scenarios() -> None:
     show_default=True,
     help="Rows returned at most per query (the rest is cut, and flagged).",
 )
+@click.option(
+    "--sql-threads",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="DuckDB threads per query (fewer: less pressure on ticks).",
+)
 @click.option("--no-sql", is_flag=True, help="Do not serve SQL.")
 def run(
     scenario: str,
@@ -268,6 +275,7 @@ def run(
     sql_token: str | None,
     sql_timeout: float,
     sql_max_rows: int,
+    sql_threads: int,
     no_sql: bool,
 ) -> None:
     """Run SCENARIO on its built-in generator (no broker needed), or on events from Pulsar
@@ -339,6 +347,7 @@ def run(
                 sql_token,
                 sql_timeout,
                 sql_max_rows,
+                sql_threads,
             )
         except OSError as e:
             raise click.ClickException(

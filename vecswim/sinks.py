@@ -144,6 +144,10 @@ class RecentEmissions:
         while self._rows[agent_type] - q[0].num_rows >= self.keep_rows:
             self._rows[agent_type] -= q.popleft().num_rows
 
+    def snapshot(self) -> dict[str, tuple[list[pa.RecordBatch], pa.Schema]]:
+        """The current batches per agent type (a cheap copy of the lists, for snapshots)."""
+        return {at: (list(q), self._schemas[at]) for at, q in self._batches.items()}
+
     def tables(self) -> dict[str, pa.Table]:
         """Agent type -> its recent emissions (oldest first)."""
         return {

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from vecswim.kernels.dirty import copy_rows
 from vecswim.sql import metrics_table, ticks_table
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class _Buffer:
     full: bool = True
     recent: list = field(default_factory=list)
     metrics: dict[str, int] = field(default_factory=dict)
-    emissions: dict[str, pa.Table] = field(default_factory=dict)
+    emissions: dict[str, list] = field(default_factory=dict)
 
 
 class Snapshots:
@@ -124,7 +125,7 @@ class Snapshots:
         b.tick = eng.tick_id
         b.recent = list(eng.recent)
         b.metrics = eng.metrics()
-        b.emissions = eng.emission_log.tables()
+        b.emissions = eng.emission_log.snapshot()
 
     @contextmanager
     def reader(self) -> Iterator[SnapshotView]:
@@ -159,10 +160,8 @@ def _update(shadow, live, n, n_old, pending, full) -> np.ndarray:
         shadow[:n] = live[:n]
         return shadow
     shadow[n_old:n] = live[n_old:n]
-    if pending:
-        rows = np.concatenate(pending) if len(pending) > 1 else pending[0]
-        rows = rows[rows < n_old]
-        shadow[rows] = live[rows]
+    for rows in pending or ():
+        copy_rows(rows, live, shadow, n_old)
     return shadow
 
 
@@ -208,4 +207,7 @@ class SnapshotView:
         return metrics_table(self._b.metrics)
 
     def emissions(self) -> dict[str, pa.Table]:
-        return self._b.emissions
+        return {
+            at: pa.Table.from_batches(bs, schema=schema)
+            for at, (bs, schema) in self._b.emissions.items()
+        }
