@@ -57,6 +57,43 @@ class EnginesTick:
 
     track_bytes_per_agent.unit = "bytes"
 
+    def track_emission_ms(self, agents):
+        return self.engine.tick(self._batch()).phases["emit"] * 1e3
+
+    track_emission_ms.unit = "ms"
+
+    def time_sql_group_by_status(self, agents):
+        self.engine.sql("SELECT status, count(*), avg(engine_temp) FROM engine GROUP BY status")
+
+
+class PollutionLinkLevels:
+    """Propagation cost per link level (sensor -> region -> city) for ticks of 200k events."""
+
+    params = (("sensor_region", "region_city"),)
+    param_names = ("link",)
+    timeout = 600
+    number = 1
+    rounds = 1
+    repeat = (1, 3, 30.0)
+    warmup_time = 0
+
+    def setup(self, link):
+        from vecswim.scenarios import pollution
+
+        agents = 1_000_000
+        gen = pollution.Generator(agents)
+        self.engine = pollution.build_engine(agents)
+        gen.setup(self.engine)
+        for s in range(0, agents, BATCH):
+            self.engine.tick(gen.make_for(np.arange(s, min(agents, s + BATCH))))
+        self.batches = [gen.make(BATCH) for _ in range(4)]
+
+    def track_propagation_ms(self, link):
+        stats = [self.engine.tick(b) for b in self.batches]
+        return 1e3 * sum(s.phases[f"link:{link}"] for s in stats) / len(stats)
+
+    track_propagation_ms.unit = "ms"
+
 
 class KeyIndex:
     params = (1_000_000, 10_000_000)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +31,8 @@ class TickStats:
     """What one tick did: ``events`` applied, ``dead_letters`` rejected, ``emitted`` rows,
     ``new_agents`` created, ``dirty`` rows touched, ``work`` row visits (events + dirty rows +
     children scanned by min/max recompute and broadcast: the tick's cost model, independent
-    of table size), wall ``seconds``."""
+    of table size), wall ``seconds`` and its split in ``phases`` (``events``: resolve keys and
+    event kernels; ``link:<name>``: propagation over one link; ``broadcast``; ``emit``)."""
 
     tick: int
     events: int
@@ -41,6 +42,7 @@ class TickStats:
     dirty: int
     work: int
     seconds: float
+    phases: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 class _LinkState:
@@ -349,12 +351,19 @@ class Engine:
                 # agents created only as link targets are dirty too: they get their aggregates
                 # and their first emission in the tick that created them
                 t.mark(np.arange(t.first_new, t.n, dtype=np.int32), tick)
+        phases = {"events": time.perf_counter() - t0}
         for name in self._order:
+            t1 = time.perf_counter()
             self._propagate(self.links[name], tick)
+            phases[f"link:{name}"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
         for name in reversed(self._order):
             if self.links[name].link.broadcast:
                 self._broadcast(self.links[name], tick)
+        t2 = time.perf_counter()
+        phases["broadcast"] = t2 - t1
         emitted = self._emit(tick)
+        phases["emit"] = time.perf_counter() - t2
         for ls in self.links.values():
             ls.maybe_compact(self.compaction_ratio, self.compaction_min_deltas)
         stats = TickStats(
@@ -366,6 +375,7 @@ class Engine:
             dirty=(dirty := sum(t.n_dirty for t in tables.values())),
             work=n_events + dirty + self._scanned,
             seconds=time.perf_counter() - t0,
+            phases=phases,
         )
         self.totals["ticks"] += 1
         self.totals["events"] += n_events
