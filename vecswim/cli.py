@@ -6,6 +6,7 @@ exits with code 2; no traceback reaches the user.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -245,6 +246,32 @@ def list_scenarios() -> None:
     help="DuckDB threads per query (fewer: less pressure on ticks).",
 )
 @click.option("--no-sql", is_flag=True, help="Do not serve SQL.")
+@click.option(
+    "--checkpoint-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Checkpoint here, and resume from the newest valid checkpoint at start.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds between checkpoints.",
+)
+@click.option(
+    "--checkpoint-ticks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also checkpoint every this many ticks.",
+)
+@click.option(
+    "--checkpoint-keep",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="Complete checkpoints kept; older ones are removed.",
+)
 def run(
     scenario: str,
     agents: int,
@@ -277,6 +304,10 @@ def run(
     sql_max_rows: int,
     sql_threads: int,
     no_sql: bool,
+    checkpoint_dir: str | None,
+    checkpoint_every: float,
+    checkpoint_ticks: int | None,
+    checkpoint_keep: int,
 ) -> None:
     """Run SCENARIO on its built-in generator (no broker needed), or on events from Pulsar
     (--pulsar URL --topic T).
@@ -294,7 +325,26 @@ def run(
     _scenarios.warm_up(mod)
     engine = mod.build_engine(agents)
     gen = mod.Generator(agents, seed=seed)
-    _scenarios.setup(mod, engine, gen)
+    resumed = None
+    if checkpoint_dir is not None:
+        from vecswim import checkpoint
+
+        try:
+            resumed = checkpoint.restore(
+                engine, checkpoint_dir, log=lambda m: click.echo(m, err=True)
+            )
+        except checkpoint.CheckpointError as e:
+            raise click.ClickException(str(e)) from None
+        if resumed is None:
+            click.echo(f"vecswim: no checkpoint in {checkpoint_dir}, starting empty", err=True)
+        else:
+            click.echo(
+                f"vecswim: resumed from checkpoint at tick {resumed['tick']:,} "
+                f"({sum(resumed['agents'].values()):,} agents)",
+                err=True,
+            )
+    if resumed is None:
+        _scenarios.setup(mod, engine, gen)
     sink = None
     if emit_path is not None:
         suffix = Path(emit_path).suffix.lower()
@@ -327,6 +377,7 @@ def run(
             key_from=key_from,
             dlq_topic=dlq_topic,
             options=opts,
+            resume=(resumed or {}).get("positions"),
         )
         engine.dead_letters.add_sink(source.dead_rows)
         if out_topic:
@@ -362,8 +413,22 @@ def run(
         click.echo(
             f"vecswim: SQL at {server.url}/sql (vecswim sql --url {server.url} ...)", err=True
         )
+    checkpointer = None
+    if checkpoint_dir is not None:
+        from vecswim import checkpoint
+
+        checkpointer = checkpoint.Checkpointer(
+            engine, checkpoint_dir, source, checkpoint_every, checkpoint_ticks, checkpoint_keep
+        )
     try:
-        engine.run(source, max_events=max_events, tick_ms=tick_ms, seconds=seconds, on_tick=status)
+        engine.run(
+            source,
+            max_events=max_events,
+            tick_ms=tick_ms,
+            seconds=seconds,
+            on_tick=status,
+            checkpointer=checkpointer,
+        )
     finally:
         close = getattr(source, "close", None)
         if close is not None:
@@ -383,6 +448,13 @@ def run(
     if isinstance(sink, ParquetSink):
         for at, p in sink.paths.items():
             click.echo(f"emissions of {at}: {p}", err=True)
+    if checkpointer is not None and checkpointer.pauses:
+        ms = np.array(checkpointer.pauses) * 1e3
+        click.echo(
+            f"checkpoints      {len(ms)}  capture pause p50 {np.median(ms):.1f} ms "
+            f"max {ms.max():.1f} ms  last {checkpointer.bytes[-1]:,} bytes",
+            err=True,
+        )
 
 
 def _client_options(auth_token: str | None, tls_trust_certs: str | None):
@@ -413,8 +485,14 @@ class _IdleExit:
             return None
         return got
 
-    def commit(self) -> None:
-        self.source.commit()
+    def commit(self, token: int | None = None) -> None:
+        self.source.commit(token)
+
+    def mark(self) -> int:
+        return self.source.mark()
+
+    def positions(self) -> dict:
+        return self.source.positions()
 
     def close(self) -> None:
         self.source.close()
@@ -528,16 +606,48 @@ def produce(
 )
 @click.option("--tables", "list_tables", is_flag=True, help="List the tables and columns.")
 @click.option("--token", default=None, help="Bearer token (vecswim run --sql-token).")
+@click.option(
+    "--checkpoint",
+    "checkpoint_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Query the newest valid checkpoint in this directory offline.",
+)
 def sql_command(
-    query: str | None, url: str, fmt: str, output: str | None, list_tables: bool, token: str | None
+    query: str | None,
+    url: str,
+    fmt: str,
+    output: str | None,
+    list_tables: bool,
+    token: str | None,
+    checkpoint_dir: str | None,
 ) -> None:
-    """Run a read-only SQL QUERY against a running engine and print the result."""
+    """Run a read-only SQL QUERY against a running engine (or a checkpoint) and print it."""
     from vecswim import client as sqlclient
 
     if list_tables == (query is not None):
         raise click.UsageError("give a QUERY or --tables")
     if fmt == "parquet" and output is None:
         raise click.UsageError("--format parquet needs --output FILE")
+    if checkpoint_dir is not None:
+        from vecswim import checkpoint
+        from vecswim.sql import SQLError, execute, tables_for
+
+        found = checkpoint.newest_valid(checkpoint_dir, log=lambda m: click.echo(m, err=True))
+        if found is None:
+            raise click.ClickException(f"no valid checkpoint in {checkpoint_dir}")
+        view = checkpoint.CheckpointView(*found)
+        if list_tables:
+            click.echo(f"tick {view.tick}")
+            for name, t in tables_for(view).items():
+                click.echo(f"{name}: " + ", ".join(f"{f.name} {f.type}" for f in t.schema))
+            return
+        try:
+            res = execute(view, query)
+        except SQLError as e:
+            raise click.ClickException(str(e)) from None
+        sqlclient.write(sqlclient.QueryResult(res.table, res.tick, False), fmt, output)
+        return
     try:
         if list_tables:
             tick, tables = sqlclient.tables(url, token)
@@ -549,6 +659,46 @@ def sql_command(
     except sqlclient.ClientError as e:
         raise click.ClickException(str(e)) from None
     sqlclient.write(result, fmt, output)
+
+
+@cli.group("checkpoint")
+def checkpoint_group() -> None:
+    """Look at checkpoint directories."""
+
+
+@checkpoint_group.command("ls")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+def checkpoint_ls(directory: str) -> None:
+    """List checkpoints: tick, time, agents, size, and whether they verify."""
+    import datetime as dt
+
+    from vecswim import checkpoint
+
+    for path in checkpoint.list_checkpoints(directory):
+        try:
+            m = checkpoint.read_manifest(path)
+        except checkpoint.CheckpointError as e:
+            click.echo(f"{path.name}  INVALID: {e}")
+            continue
+        when = dt.datetime.fromtimestamp(m["time"]).isoformat(timespec="seconds")
+        size = sum(f["bytes"] for f in m["files"].values())
+        click.echo(
+            f"{path.name}  tick {m['tick']:,}  {when}  "
+            f"agents {sum(m['agents'].values()):,}  {size:,} bytes"
+        )
+
+
+@checkpoint_group.command("inspect")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+def checkpoint_inspect(directory: str) -> None:
+    """Show the newest valid checkpoint's manifest (tables, counters, source positions)."""
+    from vecswim import checkpoint
+
+    found = checkpoint.newest_valid(directory, log=lambda m: click.echo(m, err=True))
+    if found is None:
+        raise click.ClickException(f"no valid checkpoint in {directory}")
+    path, m = found
+    click.echo(json.dumps({"checkpoint": path.name, **m}, indent=1))
 
 
 @cli.group("pulsar")

@@ -394,11 +394,14 @@ class Engine:
         seconds: float | None = None,
         max_ticks: int | None = None,
         on_tick: Callable[[TickStats], None] | None = None,
+        checkpointer=None,
     ) -> None:
         """Poll ``source`` and tick until it is exhausted, ``seconds`` pass or ``max_ticks``
         ticks ran. A tick closes at ``max_events`` events or after ``tick_ms`` ms. After each
         tick the sinks are flushed and then the source commits (acknowledges) what the tick
-        consumed. Sinks are closed at the end."""
+        consumed; with a ``checkpointer`` (``vecswim.checkpoint.Checkpointer``) the source is
+        acknowledged only when a checkpoint covering it is durable, and a final checkpoint is
+        taken at the end. Sinks are closed at the end."""
         deadline = None if seconds is None else time.monotonic() + seconds
         ticks = 0
         try:
@@ -411,12 +414,15 @@ class Engine:
                 stats = self.tick(events)
                 for s in self.sinks:
                     s.flush()
-                commit = getattr(source, "commit", None)
-                if commit is not None:
+                if checkpointer is not None:
+                    checkpointer.after_tick()
+                elif (commit := getattr(source, "commit", None)) is not None:
                     commit()
                 ticks += 1
                 if on_tick is not None:
                     on_tick(stats)
+            if checkpointer is not None:
+                checkpointer.close()
         finally:
             self.close()
 

@@ -104,6 +104,9 @@ class PulsarSource:
     ``max_payload_bytes``: larger messages are dead-lettered unread.
     ``batch_max_messages``: messages per batch receive (default 10,000 for JSON, 100 for
     Arrow, whose messages carry many events each).
+    ``resume``: the ``positions()`` stored in the checkpoint being resumed from: redelivered
+    messages it already covers are acknowledged but not applied again, and the counters
+    continue from it (exactly-once effect on state).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class PulsarSource:
         batch_timeout_ms: int = 5,
         max_payload_bytes: int = 1 << 20,
         options: ClientOptions | None = None,
+        resume: dict | None = None,
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -167,6 +171,12 @@ class PulsarSource:
         self._dlq_errors: list[str] = []
         self._pending: list = []
         self.counts = {"messages": 0, "events": 0, "dead_messages": 0, "dead_rows": 0}
+        self._last: dict[str, tuple] = {}
+        self._covered: dict[str, tuple] = {}
+        if resume:
+            self.counts.update(resume.get("counts", {}))
+            self._covered = {t: tuple(v) for t, v in resume.get("last", {}).items()}
+            self._last = dict(self._covered)
 
     # -- polling ------------------------------------------------------------------------------
     def poll(self, max_events: int, timeout: float) -> dict[str, pa.Table]:
@@ -181,8 +191,19 @@ class PulsarSource:
                 break  # each message holds many events: one receive is a tick's worth
         if not msgs:
             return {}
-        self.counts["messages"] += len(msgs)
         self._pending += msgs
+        ids = [_position(m) for m in msgs]
+        if self._covered:
+            # redelivered messages the resumed checkpoint already applied: ack, don't apply
+            fresh = [i for i, (t, p) in enumerate(ids) if p > self._covered.get(t, (-1,))]
+            msgs = [msgs[i] for i in fresh]
+            ids = [ids[i] for i in fresh]
+            if not msgs:
+                return {}
+        for t, p in ids:
+            if p > self._last.get(t, (-1,)):
+                self._last[t] = p
+        self.counts["messages"] += len(msgs)
         payloads = [m.data() for m in msgs]
         if self.fmt == "json":
             table, bad = decode_json(payloads, self.schema, self.max_payload_bytes)
@@ -225,23 +246,34 @@ class PulsarSource:
             self._dlq_errors.append(str(res))
 
     # -- commit -------------------------------------------------------------------------------
-    def commit(self) -> None:
-        """Acknowledge everything polled so far: its tick is complete and its dead letters
-        are durably published. Raises if a dead letter could not be published (nothing is
-        acknowledged then)."""
+    def mark(self) -> int:
+        """A commit token covering everything polled so far (for checkpoints)."""
+        return len(self._pending)
+
+    def positions(self) -> dict:
+        """What a checkpoint taken now covers: the last applied message per topic, counters."""
+        return {"last": {t: list(p) for t, p in self._last.items()}, "counts": dict(self.counts)}
+
+    def commit(self, token: int | None = None) -> None:
+        """Acknowledge the messages polled before ``token`` (default: all polled so far):
+        their effect is durable (tick complete, or covered by a durable checkpoint) and
+        their dead letters are published. Raises if a dead letter could not be published
+        (nothing is acknowledged then)."""
         if self.dlq is not None:
             self.dlq.flush()
         if self._dlq_errors:
             err, self._dlq_errors = self._dlq_errors, []
             raise RuntimeError(f"dead-letter publish failed: {err[0]}")
-        if not self._pending:
+        upto = len(self._pending) if token is None else token
+        if upto == 0:
             return
+        done = self._pending[:upto]
         if self.single_topic and self.sub_type in ("exclusive", "failover"):
-            self.consumer.acknowledge_cumulative(self._pending[-1])
+            self.consumer.acknowledge_cumulative(done[-1])
         else:
-            for m in self._pending:
+            for m in done:
                 self.consumer.acknowledge(m)
-        self._pending = []
+        del self._pending[:upto]
 
     def close(self) -> None:
         """Close consumer and client without acknowledging anything not committed."""
@@ -250,6 +282,11 @@ class PulsarSource:
             self.dlq.close()
         self.consumer.close()
         self.client.close()
+
+
+def _position(msg) -> tuple[str, tuple[int, int, int]]:
+    mid = msg.message_id()
+    return msg.topic_name(), (mid.ledger_id(), mid.entry_id(), mid.batch_index())
 
 
 def _without(n: int, drop: list[int]) -> list[int]:

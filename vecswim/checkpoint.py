@@ -1,0 +1,424 @@
+"""Checkpoints: the whole engine state at a tick boundary, atomically, in an open format.
+
+Layout: ``DIR/ckpt-<tick>/`` holds one Arrow IPC file per agent type (``<type>.arrow``: the key,
+the state columns under their names, and engine-owned columns prefixed ``__``: hidden
+accumulators ``__h:``, last emitted values ``__last:``, parent rows ``__prow:``) and
+``manifest.json`` (tick, time, agents, schema fingerprint, SHA-256 of every file, source
+positions, counters). It is written as ``ckpt-<tick>.tmp`` (files fsynced, manifest last),
+renamed, and the directory fsynced: a reader sees a complete checkpoint or none.
+
+Writing is split so ticks are not stalled: ``capture`` copies the arrays at the tick boundary
+(engine thread, a memcpy per column); ``write`` does the encoding, hashing and fsyncs, and
+may run on a background thread. Links' CSR and key indexes are rebuilt on restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from vecswim.kernels import keyindex as kidx
+from vecswim.kernels import links as klinks
+
+FORMAT = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used; the message says which and why."""
+
+
+def fingerprint(engine) -> str:
+    """A hash of the agent types and links, to refuse restoring into a different schema."""
+    desc = {
+        "types": {
+            n: {
+                "key": at.key,
+                "key_dtype": at.key_dtype,
+                "columns": [(c.name, c.dtype) for c in at.columns],
+            }
+            for n, at in engine.types.items()
+        },
+        "links": {
+            n: [
+                ls.link.child,
+                ls.link.parent,
+                sorted(ls.link.aggregates),
+                sorted(ls.link.broadcast),
+            ]
+            for n, ls in engine.links.items()
+        },
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def schema_summary(engine) -> dict:
+    return {n: [c.name for c in at.columns] for n, at in engine.types.items()}
+
+
+@dataclass
+class Capture:
+    """Copies of everything a checkpoint holds, taken at one tick boundary."""
+
+    tick: int
+    tables: dict[str, pa.Table]
+    manifest: dict
+
+
+def capture(engine, positions: dict | None = None, buffers: dict | None = None) -> Capture:
+    """Copy the engine state at the current tick boundary (cost: one memcpy of every array).
+
+    ``buffers`` (kept by the caller between checkpoints) are reused as copy targets, so
+    repeated captures do not pay fresh page faults; only one capture may be in use at a time.
+    """
+    buffers = {} if buffers is None else buffers
+    tables = {}
+    agents = {}
+
+    def copy(tag: str, a: np.ndarray, n: int) -> pa.Array:
+        buf = buffers.get(tag)
+        if buf is None or len(buf) < n or buf.dtype != a.dtype:
+            buf = buffers[tag] = np.empty(max(n, len(a)), a.dtype)
+        np.copyto(buf[:n], a[:n])
+        return pa.array(buf[:n])
+
+    for name, t in engine.tables.items():
+        n = t.n
+        # keys are append-only: rows below n never change, so a view is a consistent copy
+        cols = {t.type.key: t.key_array()}
+        for c, a in t.cols.items():
+            cols[c] = copy(f"{name}/{c}", a, n)
+        for c, a in t.hidden.items():
+            cols[f"__h:{c}"] = copy(f"{name}/h/{c}", a, n)
+        for c, a in t.last.items():
+            cols[f"__last:{c}"] = copy(f"{name}/last/{c}", a, n)
+        for link, a in t.parent_row.items():
+            cols[f"__prow:{link}"] = copy(f"{name}/prow/{link}", a, n)
+        tables[name] = pa.table(cols)
+        agents[name] = n
+    manifest = {
+        "format": FORMAT,
+        "tick": engine.tick_id,
+        "time": time.time(),
+        "agents": agents,
+        "fingerprint": fingerprint(engine),
+        "schema": schema_summary(engine),
+        "totals": dict(engine.totals),
+        "positions": positions or {},
+        "keys": {n: at.key for n, at in engine.types.items()},
+        "links": {
+            n: {"child": ls.link.child, "parent": ls.link.parent} for n, ls in engine.links.items()
+        },
+        "files": {},
+    }
+    return Capture(engine.tick_id, tables, manifest)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(cap: Capture, directory: str | Path, keep: int = 3) -> Path:
+    """Write ``cap`` atomically under ``directory`` and drop all but the newest ``keep``
+    complete checkpoints. Returns the checkpoint's folder."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"ckpt-{cap.tick:012d}"
+    tmp = root / f"ckpt-{cap.tick:012d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    manifest = dict(cap.manifest)
+    files = {}
+    for name, table in cap.tables.items():
+        path = tmp / f"{name}.arrow"
+        h = hashlib.sha256()
+        with open(path, "wb") as fh:
+            sink = pa.PythonFile(fh, mode="w")
+            with ipc.new_file(sink, table.schema) as w:
+                w.write_table(table)
+            fh.flush()
+            os.fsync(fh.fileno())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        files[f"{name}.arrow"] = {"sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    manifest["files"] = files
+    with open(tmp / "manifest.json", "w") as fh:
+        json.dump(manifest, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("ckpt-*.tmp"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete-looking checkpoint folders, oldest first (validity is checked on load)."""
+    root = Path(directory)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.glob("ckpt-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest of one checkpoint, after verifying every file's size and checksum."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT or "files" not in manifest:
+        raise CheckpointError(f"{path.name}: not a vecswim checkpoint manifest")
+    for fname, meta in manifest["files"].items():
+        f = path / fname
+        try:
+            size = f.stat().st_size
+        except OSError:
+            raise CheckpointError(f"{path.name}: missing {fname}") from None
+        if size != meta["bytes"]:
+            raise CheckpointError(
+                f"{path.name}: {fname} is {size} bytes, expected {meta['bytes']} (truncated?)"
+            )
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        if h.hexdigest() != meta["sha256"]:
+            raise CheckpointError(f"{path.name}: {fname} fails its checksum")
+    return manifest
+
+
+def newest_valid(directory: str | Path, log=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint whose manifest and files verify; broken ones are skipped with a
+    log line. None when there is none."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, read_manifest(path)
+        except CheckpointError as e:
+            log(f"vecswim: skipping checkpoint {e}")
+    return None
+
+
+def read_tables(path: Path, manifest: dict) -> dict[str, pa.Table]:
+    return {f.removesuffix(".arrow"): ipc.open_file(path / f).read_all() for f in manifest["files"]}
+
+
+def restore(engine, directory: str | Path, log=print) -> dict | None:
+    """Load the newest valid checkpoint into a fresh ``engine``; returns its manifest (None:
+    no usable checkpoint, the engine starts empty). A checkpoint of a different schema raises
+    :class:`CheckpointError`."""
+    found = newest_valid(directory, log)
+    if found is None:
+        return None
+    path, manifest = found
+    if manifest["fingerprint"] != fingerprint(engine):
+        raise CheckpointError(
+            f"{path.name} was written for another schema (agent types/columns "
+            f"{manifest['schema']}, now {schema_summary(engine)}); use a new checkpoint "
+            "directory or the matching scenario"
+        )
+    tables = read_tables(path, manifest)
+    for name, t in engine.tables.items():
+        data = tables[name]
+        n = data.num_rows
+        t.n = 0
+        t._grow(max(n, 16))
+        key = data.column(t.type.key)
+        if t.string_keys:
+            arr = key.combine_chunks().cast(pa.large_string())
+            _, obuf, dbuf = arr.buffers()
+            offs = np.frombuffer(obuf, np.int64)[arr.offset : arr.offset + n + 1]
+            t.dict_offsets[: n + 1] = offs - offs[0]
+            raw = np.frombuffer(dbuf, np.uint8) if dbuf is not None else np.empty(0, np.uint8)
+            t.dict_data = raw[offs[0] : offs[-1]].copy()
+        else:
+            t.keys[:n] = key.to_numpy()
+        for c in t.cols:
+            t.cols[c][:n] = data.column(c).to_numpy(zero_copy_only=False)
+        for c in t.hidden:
+            t.hidden[c][:n] = data.column(f"__h:{c}").to_numpy(zero_copy_only=False)
+        for c in t.last:
+            t.last[c][:n] = data.column(f"__last:{c}").to_numpy(zero_copy_only=False)
+        for link in t.parent_row:
+            t.parent_row[link][:n] = data.column(f"__prow:{link}").to_numpy()
+        t.n = n
+        t.stamp[:] = 0
+        t.slots = np.full(1, kidx.EMPTY, np.int32)
+        t._grow_slots(t.cap)  # a fresh index over the restored keys
+    for ls in engine.links.values():
+        ls.reserve(0)
+        ls.delta_head[:] = -1
+        ls.n_delta = 0
+        ls.indptr, ls.children = klinks.build_csr(
+            ls.child.parent_row[ls.link.name], ls.child.n, ls.parent.n
+        )
+    engine.tick_id = manifest["tick"]
+    engine.totals.update(manifest["totals"])
+    return manifest
+
+
+class Checkpointer:
+    """Checkpoints an engine every ``every_seconds`` and/or ``every_ticks`` and acknowledges
+    the source only once a checkpoint covering its messages is durable.
+
+    At a due tick boundary it captures the state (engine thread), asks the source for its
+    positions and a commit token, and writes in a background thread; on a later tick (or at
+    ``close``) it commits the token of the last durable checkpoint. ``pauses`` records the
+    capture time per checkpoint (the only part that stalls ticks), ``bytes`` their sizes.
+    """
+
+    def __init__(
+        self,
+        engine,
+        directory,
+        source=None,
+        every_seconds=None,
+        every_ticks=None,
+        keep=3,
+        log=print,
+    ) -> None:
+        import threading
+
+        self.engine = engine
+        self.directory = Path(directory)
+        self.source = source
+        self.every_seconds = every_seconds
+        self.every_ticks = every_ticks
+        self.keep = keep
+        self.log = log
+        self.pauses: list[float] = []
+        self.write_seconds: list[float] = []
+        self.bytes: list[int] = []
+        self._last_time = time.monotonic()
+        self._last_tick = engine.tick_id
+        self._thread: threading.Thread | None = None
+        self._done: tuple | None = None
+        self._error: BaseException | None = None
+        self._buffers: dict = {}
+
+    def _due(self) -> bool:
+        if self.every_ticks and self.engine.tick_id - self._last_tick >= self.every_ticks:
+            return True
+        return bool(self.every_seconds) and time.monotonic() - self._last_time >= self.every_seconds
+
+    def after_tick(self) -> None:
+        """Call after every tick (sinks flushed)."""
+        self._collect(wait=False)
+        if self._thread is None and self._due():
+            self._start()
+
+    def _start(self) -> None:
+        import threading
+
+        t0 = time.perf_counter()
+        token = self.source.mark() if hasattr(self.source, "mark") else None
+        positions = self.source.positions() if hasattr(self.source, "positions") else {}
+        cap = capture(self.engine, positions, self._buffers)
+        self.pauses.append(time.perf_counter() - t0)
+        self._last_time = time.monotonic()
+        self._last_tick = self.engine.tick_id
+
+        def work() -> None:
+            t1 = time.perf_counter()
+            try:
+                path = write(cap, self.directory, self.keep)
+                self.bytes.append(
+                    sum(
+                        f["bytes"]
+                        for f in json.loads((path / "manifest.json").read_text())["files"].values()
+                    )
+                )
+                self._done = (path, token)
+            except BaseException as e:  # surfaced on the engine thread by _collect
+                self._error = e
+            self.write_seconds.append(time.perf_counter() - t1)
+
+        self._thread = threading.Thread(target=work, name="vecswim-checkpoint", daemon=True)
+        self._thread.start()
+
+    def _collect(self, wait: bool) -> None:
+        if self._thread is None or (not wait and self._thread.is_alive()):
+            return
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise CheckpointError(f"checkpoint write failed: {err}") from err
+        if self._done is not None:
+            _, token = self._done
+            self._done = None
+            commit = getattr(self.source, "commit", None)
+            if commit is not None:
+                commit(token)
+
+    def close(self) -> None:
+        """Finish any write, take a final checkpoint, and commit it (clean shutdown)."""
+        self._collect(wait=True)
+        self._start()
+        self._collect(wait=True)
+
+
+class CheckpointView:
+    """A checkpoint as a SQL view (``vecswim sql --checkpoint DIR``): agent and link tables
+    from its files, ``metrics`` from its counters; no recent ticks or emissions."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.tick = manifest["tick"]
+        self._tables = read_tables(path, manifest)
+
+    def agent_tables(self) -> dict[str, pa.Table]:
+        return {
+            n: t.select([c for c in t.column_names if not c.startswith("__")])
+            for n, t in self._tables.items()
+        }
+
+    def link_names(self) -> list[str]:
+        return list(self.manifest["links"])
+
+    def link_table(self, name: str) -> pa.Table:
+        link = self.manifest["links"][name]
+        child, parent = self._tables[link["child"]], self._tables[link["parent"]]
+        ck, pk = self.manifest["keys"][link["child"]], self.manifest["keys"][link["parent"]]
+        prow = child.column(f"__prow:{name}").to_numpy()
+        rows = np.flatnonzero(prow >= 0)
+        return pa.table(
+            {
+                f"child_{ck}": child.column(ck).take(pa.array(rows)),
+                f"parent_{pk}": parent.column(pk).take(pa.array(prow[rows])),
+            }
+        )
+
+    def ticks(self) -> pa.Table:
+        from vecswim.sql import ticks_table
+
+        return ticks_table([])
+
+    def metrics(self) -> pa.Table:
+        from vecswim.sql import metrics_table
+
+        return metrics_table(dict(self.manifest["totals"], tick=self.tick))
+
+    def emissions(self) -> dict[str, pa.Table]:
+        return {}
