@@ -407,7 +407,56 @@ def _add_message_keys(
     return table.filter(ok).append_column(at.key, arr.filter(ok)), bad
 
 
-class PulsarSink:
+class _Producer:
+    """A batching producer whose send errors are collected from the client's callback thread
+    and raised by ``flush`` (never swallowed)."""
+
+    def __init__(
+        self, service_url: str, topic: str, fmt: str, options: ClientOptions | None
+    ) -> None:
+        if fmt not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        self.fmt = fmt
+        self.client = client(service_url, options)
+        self.producer = self.client.create_producer(
+            topic,
+            batching_enabled=True,
+            batching_max_messages=1000,
+            batching_max_allowed_size_in_bytes=1 << 20,
+            batching_max_publish_delay_ms=5,
+            block_if_queue_full=True,
+            max_pending_messages=20_000,
+        )
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _done(self, res, _msg_id) -> None:
+        if res != pulsar.Result.Ok:
+            with self._lock:
+                self._errors.append(str(res))
+
+    def _raise(self) -> None:
+        with self._lock:
+            if self._errors:
+                err, self._errors = self._errors, []
+                raise RuntimeError(f"Pulsar publish failed: {err[0]}")
+
+    def flush(self) -> None:
+        """Wait until everything sent so far is acknowledged by the broker."""
+        self.producer.flush()
+        self._raise()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self.producer.close()
+        self.client.close()
+        self._closed = True
+
+
+class PulsarSink(_Producer):
     """Emissions of every agent type to one Pulsar topic.
 
     ``fmt="json"``: one message per changed row, key = the agent's key, properties
@@ -424,35 +473,9 @@ class PulsarSink:
         rows_per_message: int = 10_000,
         options: ClientOptions | None = None,
     ) -> None:
-        if fmt not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
-        self.fmt = fmt
+        super().__init__(service_url, topic, fmt, options)
         self.rows_per_message = rows_per_message
-        self.client = client(service_url, options)
-        self.producer = self.client.create_producer(
-            topic,
-            batching_enabled=True,
-            batching_max_messages=1000,
-            batching_max_allowed_size_in_bytes=1 << 20,
-            batching_max_publish_delay_ms=5,
-            block_if_queue_full=True,
-            max_pending_messages=20_000,
-        )
-        self._errors: list[str] = []
-        self._lock = threading.Lock()
         self.sent = 0
-        self._closed = False
-
-    def _done(self, res, _msg_id) -> None:
-        if res != pulsar.Result.Ok:
-            with self._lock:
-                self._errors.append(str(res))
-
-    def _raise(self) -> None:
-        with self._lock:
-            if self._errors:
-                err, self._errors = self._errors, []
-                raise RuntimeError(f"Pulsar sink: publish failed: {err[0]}")
 
     def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
         self._raise()
@@ -474,20 +497,8 @@ class PulsarSink:
                 )
                 self.sent += 1
 
-    def flush(self) -> None:
-        self.producer.flush()
-        self._raise()
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self.flush()
-        self.producer.close()
-        self.client.close()
-        self._closed = True
-
-
-class EventPublisher:
+class EventPublisher(_Producer):
     """Publishes event batches to a topic: JSON (one event per message, key = the agent key)
     or Arrow IPC (``events_per_message`` events per message). Batching producer; ``flush``
     waits for all sends and raises the first error."""
@@ -501,28 +512,11 @@ class EventPublisher:
         events_per_message: int = 1000,
         options: ClientOptions | None = None,
     ) -> None:
-        if fmt not in FORMATS:
-            raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        super().__init__(service_url, topic, fmt, options)
         self.key = key
-        self.fmt = fmt
         self.events_per_message = events_per_message
-        self.client = client(service_url, options)
-        self.producer = self.client.create_producer(
-            topic,
-            batching_enabled=True,
-            batching_max_messages=1000,
-            batching_max_allowed_size_in_bytes=1 << 20,
-            batching_max_publish_delay_ms=5,
-            block_if_queue_full=True,
-            max_pending_messages=20_000,
-        )
-        self._errors: list[str] = []
         self.messages = 0
         self.events = 0
-
-    def _done(self, res, _msg_id) -> None:
-        if res != pulsar.Result.Ok:
-            self._errors.append(str(res))
 
     def publish(self, batch: pa.RecordBatch | pa.Table) -> None:
         """Send every event of ``batch`` (asynchronously)."""
@@ -542,16 +536,6 @@ class EventPublisher:
         """Send one message as it is (tests of malformed input use this)."""
         self.producer.send_async(payload, self._done, partition_key=key)
         self.messages += 1
-
-    def flush(self) -> None:
-        self.producer.flush()
-        if self._errors:
-            raise RuntimeError(f"publish failed: {self._errors[0]}")
-
-    def close(self) -> None:
-        self.flush()
-        self.producer.close()
-        self.client.close()
 
 
 def arrow_payload(batch: pa.RecordBatch | pa.Table) -> bytes:
