@@ -18,7 +18,7 @@ def get(name: str) -> ModuleType:
         ) from None
 
 
-def setup(scenario: ModuleType, engine, generator) -> None:
+def setup(engine, generator) -> None:
     """Run the generator's one-off setup (e.g. static links), if it has one."""
     if hasattr(generator, "setup"):
         generator.setup(engine)
@@ -29,7 +29,7 @@ def warm_up(scenario: ModuleType) -> None:
     compiled or loaded from numba's cache before timing starts."""
     engine = scenario.build_engine(1 << 17)
     gen = scenario.Generator(1 << 17, seed=1)
-    setup(scenario, engine, gen)
+    setup(engine, gen)
     for n in (1 << 17, 4096):
         engine.tick(gen.make(n))
     engine.tick()

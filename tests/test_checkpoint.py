@@ -23,7 +23,7 @@ def run_with_restart(mod, gen_args, sizes, cut, tmp_path):
     gen = mod.Generator(*gen_args)
     batches = [gen.make(n) for n in sizes]
     a = mod.build_engine(gen.agents)
-    setup(mod, a, gen)
+    setup(a, gen)
     cap_a = TickCapture(a)
     for b in batches[:cut]:
         a.tick(b)

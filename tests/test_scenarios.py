@@ -13,7 +13,7 @@ from tests.helpers import TickCapture, canon_ref, canon_rows, final_state_matche
 def run_both(mod, gen, ticks, sizes):
     eng = mod.build_engine(gen.agents)
     ref = mod.Reference(gen) if mod is pollution else mod.Reference()
-    setup(mod, eng, gen)
+    setup(eng, gen)
     cap = TickCapture(eng)
     for t in range(ticks):
         batches = gen.make(sizes[t % len(sizes)])

@@ -344,7 +344,7 @@ def run(
                 err=True,
             )
     if resumed is None:
-        _scenarios.setup(mod, engine, gen)
+        _scenarios.setup(engine, gen)
     sink = None
     if emit_path is not None:
         suffix = Path(emit_path).suffix.lower()

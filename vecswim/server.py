@@ -7,7 +7,8 @@ Protocol (documented in the README):
   CSV, anything else JSON ``{"tick", "columns", "types", "rows", "truncated"}``. Headers
   ``X-Vecswim-Tick`` and ``X-Vecswim-Truncated`` carry the tick boundary and the row-limit
   flag. A bad or refused query is HTTP 400 ``{"error": "<DuckDB's message>"}``.
-- ``GET /tables``: every table and its columns (JSON). ``GET /health``: the published tick.
+- ``GET /tables``: every table and its columns (JSON). ``GET /health``: the published tick
+  and the query/error counts.
 - With a token, every request needs ``Authorization: Bearer <token>`` (else 401).
 
 Queries run on published snapshots (``vecswim.snapshot``) in the server's threads, so they
@@ -110,7 +111,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/health":
             with self.owner.snapshots.reader() as view:
-                self._json(200, {"tick": view.tick})
+                self._json(200, {"tick": view.tick, "queries": self.owner.queries,
+                                 "errors": self.owner.errors})
         elif self.path == "/tables":
             with self.owner.snapshots.reader() as view:
                 tables = tables_for(view)
