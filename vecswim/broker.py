@@ -43,7 +43,8 @@ _POM = """<project>
   </dependencies>
 </project>
 """
-# Pulsar's poms name extra repositories; resolve everything from Maven Central only.
+# Pulsar's poms name extra repositories that are not reachable here; block every repository
+# but Maven's built-in central so resolution never waits on them.
 _SETTINGS = """<settings>
   <mirrors>
     <mirror>

@@ -111,8 +111,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/health":
             with self.owner.snapshots.reader() as view:
-                self._json(200, {"tick": view.tick, "queries": self.owner.queries,
-                                 "errors": self.owner.errors})
+                self._json(
+                    200,
+                    {"tick": view.tick, "queries": self.owner.queries, "errors": self.owner.errors},
+                )
         elif self.path == "/tables":
             with self.owner.snapshots.reader() as view:
                 tables = tables_for(view)
