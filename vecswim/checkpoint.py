@@ -84,9 +84,7 @@ def capture(engine, positions: dict | None = None, buffers: dict | None = None) 
     agents = {}
 
     def copy(tag: str, a: np.ndarray, n: int) -> pa.Array:
-        buf = buffers.get(tag)
-        if buf is None or len(buf) < n or buf.dtype != a.dtype:
-            buf = buffers[tag] = np.empty(max(n, len(a)), a.dtype)
+        buf = _buffer(buffers, tag, a, n)
         np.copyto(buf[:n], a[:n])
         return pa.array(buf[:n])
 
@@ -100,8 +98,8 @@ def capture(engine, positions: dict | None = None, buffers: dict | None = None) 
             cols[f"__h:{c}"] = copy(f"{name}/h/{c}", a, n)
         for c, a in t.last.items():
             cols[f"__last:{c}"] = copy(f"{name}/last/{c}", a, n)
-        for link, a in t.parent_row.items():
-            cols[f"__prow:{link}"] = copy(f"{name}/prow/{link}", a, n)
+        for c, a in t.parent_row.items():
+            cols[f"__prow:{c}"] = copy(f"{name}/prow/{c}", a, n)
         tables[name] = pa.table(cols)
         agents[name] = n
     manifest = {
@@ -120,6 +118,23 @@ def capture(engine, positions: dict | None = None, buffers: dict | None = None) 
         "files": {},
     }
     return Capture(engine.tick_id, tables, manifest)
+
+
+def _buffer(buffers: dict, tag: str, a: np.ndarray, n: int) -> np.ndarray:
+    buf = buffers.get(tag)
+    if buf is None or len(buf) < n or buf.dtype != a.dtype:
+        buf = buffers[tag] = np.empty(max(n, len(a)), a.dtype)
+    return buf
+
+
+def prefault(engine, buffers: dict) -> None:
+    """Allocate and touch the capture buffers for the tables' current capacity, so the
+    first capture is a plain memcpy too (fresh pages fault on first write)."""
+    for name, t in engine.tables.items():
+        groups = [("", t.cols), ("h/", t.hidden), ("last/", t.last), ("prow/", t.parent_row)]
+        for prefix, group in groups:
+            for c, a in group.items():
+                _buffer(buffers, f"{name}/{prefix}{c}", a, len(a)).fill(0)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -315,6 +330,11 @@ class Checkpointer:
         self._done: tuple | None = None
         self._error: BaseException | None = None
         self._buffers: dict = {}
+        # Touch the copy buffers now, in the background, so no capture pays page faults.
+        self._thread = threading.Thread(
+            target=prefault, args=(engine, self._buffers), name="vecswim-prefault", daemon=True
+        )
+        self._thread.start()
 
     def _due(self) -> bool:
         if self.every_ticks and self.engine.tick_id - self._last_tick >= self.every_ticks:
