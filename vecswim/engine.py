@@ -170,6 +170,7 @@ class Engine:
         self._steps = {n: self._compile_rules(at) for n, at in self.types.items()}
         self._fields = {n: at.event_fields() for n, at in self.types.items()}
         self.links: dict[str, _LinkState] = {}
+        self._aggs: dict[str, list[codegen.AggSpec]] = {}
         for link in links:
             self._add_link(link)
         self._order = self._level_order()
@@ -205,7 +206,6 @@ class Engine:
         self._event_src: dict[str, codegen.Source] = {}
         self._emit_src: dict[str, codegen.Source] = {}
         self._prop_src: dict[str, codegen.Source] = {}
-        self._aggs: dict[str, list[codegen.AggSpec]] = {}
         for name, t in self.tables.items():
             via = [n for n, ls in self.links.items() if ls.link.child == name and ls.link.via]
             hidden_count = {c: f"{c}__n" for c in t.cols if f"{c}__n" in t.hidden}
@@ -220,27 +220,8 @@ class Engine:
             emitted = [(c, t.deadband[c] if t.dtypes[c].kind == "f" else None) for c in t.last]
             self._emit_src[name] = codegen.emit_pass(f"emit_pass_{name}", emitted)
             sources += [self._event_src[name], self._emit_src[name]]
-        hidden_names = {
-            "count": ("n",),
-            "sum": ("acc", "valid"),
-            "mean": ("acc", "valid"),
-            "min": ("ties",),
-            "max": ("ties",),
-        }
         for name, ls in self.links.items():
-            aggs = []
-            for col, agg in ls.link.aggregates.items():
-                is_float = agg.column is not None and ls.child.dtypes[agg.column].kind == "f"
-                aggs.append(
-                    codegen.AggSpec(
-                        column=col,
-                        kind=agg.kind,
-                        child_column=agg.column,
-                        scale=float(agg.scale) if is_float else 0.0,
-                        hidden=tuple(f"__{name}.{col}.{h}" for h in hidden_names[agg.kind]),
-                    )
-                )
-            self._aggs[name] = aggs
+            aggs = self._aggs[name]
             self._prop_src[name] = codegen.propagate(
                 f"propagate_{name}",
                 list(ls.parent.snap_columns),
@@ -259,25 +240,31 @@ class Engine:
         child.add_parent_link(link.name)
         child.enable_parent_snapshot(link.name)
         track = False
+        aggs = []
         for col, agg in link.aggregates.items():
             pc = parent.type.column(col)
-            if agg.kind == "count":
-                parent.add_hidden(f"__{link.name}.{col}.n", np.int64, 0)
-                continue
-            cc = child.type.column(agg.column)
-            child.enable_snapshot(cc.name)
-            if agg.kind in ("min", "max"):
-                if pc.np_dtype.kind != "f":
-                    raise ValueError(f"{link.name}: min/max column {col!r} must be float")
-                parent.add_hidden(f"__{link.name}.{col}.ties", np.int64, 0)
-                track = True
-            elif agg.kind in ("sum", "mean"):
-                parent.add_hidden(f"__{link.name}.{col}.acc", np.int64, 0)
-                parent.add_hidden(f"__{link.name}.{col}.valid", np.int64, 0)
-                if agg.kind == "mean" and pc.np_dtype.kind != "f":
-                    raise ValueError(f"{link.name}: mean column {col!r} must be float")
-            else:
+            if agg.kind not in _AGG_HIDDEN:
                 raise ValueError(f"{link.name}: unknown aggregate {agg.kind!r}")
+            if agg.kind in ("min", "max", "mean") and pc.np_dtype.kind != "f":
+                raise ValueError(f"{link.name}: {agg.kind} column {col!r} must be float")
+            hidden = tuple(f"__{link.name}.{col}.{h}" for h in _AGG_HIDDEN[agg.kind])
+            for h in hidden:
+                parent.add_hidden(h, np.int64, 0)
+            is_float = False
+            if agg.column is not None:
+                is_float = child.type.column(agg.column).np_dtype.kind == "f"
+                child.enable_snapshot(agg.column)
+            track |= agg.kind in ("min", "max")
+            aggs.append(
+                codegen.AggSpec(
+                    column=col,
+                    kind=agg.kind,
+                    child_column=agg.column,
+                    scale=float(agg.scale) if is_float else 0.0,
+                    hidden=hidden,
+                )
+            )
+        self._aggs[link.name] = aggs
         for dst, src in link.broadcast.items():
             child.type.column(dst)
             parent.type.column(src)
@@ -715,6 +702,14 @@ class Engine:
         return total
 
 
+# Engine-owned accumulator columns (int64, on the parent) per aggregate kind.
+_AGG_HIDDEN = {
+    "count": ("n",),
+    "sum": ("acc", "valid"),
+    "mean": ("acc", "valid"),
+    "min": ("ties",),
+    "max": ("ties",),
+}
 _LOCALITY_MIN_ROWS = 1 << 16
 _BUCKET_BITS = 14
 
