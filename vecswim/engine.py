@@ -587,7 +587,7 @@ class Engine:
             elif kind == "zero":
                 args.append(0)
             else:
-                args.append(_parent_binding(parent, b))
+                args.append(_table_binding(parent, (_PARENT_BINDINGS[kind], *b[1:])))
         res = getattr(self._kernels, src.name)(*args)
         parent.n_dirty = parent.n_snapped = res[0]
         pd = parent.dirty[: parent.n_dirty]
@@ -756,28 +756,19 @@ def _table_binding(t: StateTable, b: tuple) -> object:
     raise KeyError(f"unknown binding {b!r}")
 
 
-def _parent_binding(p: StateTable, b: tuple) -> object:
-    """Resolve a propagation kernel binding that refers to the parent table."""
-    kind = b[0]
-    if kind == "pstamp":
-        return p.stamp
-    if kind == "pdirty":
-        return p.dirty
-    if kind == "n_pdirty":
-        return p.n_dirty
-    if kind == "psnap":
-        return p.snap[b[1]]
-    if kind == "pcol":
-        return p.column(b[1])
-    if kind == "psnapp":
-        return p.snap_parent[b[1]]
-    if kind == "pprow":
-        return p.parent_row[b[1]]
-    if kind == "phidden":
-        return p.hidden[b[1]]
-    if kind == "param":
-        return b[1]
-    raise KeyError(f"unknown binding {b!r}")
+# Propagation kernels name the parent table's arrays with a "p" prefix; they resolve like
+# the table's own (``_table_binding``) against the parent.
+_PARENT_BINDINGS = {
+    "pstamp": "stamp",
+    "pdirty": "dirty",
+    "n_pdirty": "n_dirty",
+    "psnap": "snap",
+    "pcol": "col",
+    "psnapp": "snapp",
+    "pprow": "prow",
+    "phidden": "hidden",
+    "param": "param",
+}
 
 
 def _call_custom(k: Custom, rows: np.ndarray, value: Callable, table: StateTable) -> None:
