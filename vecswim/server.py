@@ -1,4 +1,4 @@
-"""The SQL endpoint of a running engine (HTTP).
+"""The SQL endpoint of a running engine (HTTP, on aiohttp).
 
 Protocol (documented in the README):
 
@@ -11,34 +11,59 @@ Protocol (documented in the README):
   and the query/error counts.
 - With a token, every request needs ``Authorization: Bearer <token>`` (else 401).
 
-Queries run on published snapshots (``vecswim.snapshot``) in the server's threads, so they
-never stop the engine's ticks; each has a time limit and a row limit.
+Every other answer is one line of JSON ``{"error": "..."}`` with the fitting status: 400 a
+malformed request (bad JSON, a ``query`` that is not a string, no query, a bad
+Content-Length, a body that is not UTF-8), 404 an unknown path, 405 a wrong method, 406 an
+Accept naming nothing served, 408 a request not received within ``request_timeout``, 411 a
+body without Content-Length (chunked is fine), 413 a body over ``max_body`` bytes, 415 a
+Content-Type that is not text, JSON or form data, 503 (``Retry-After``) when
+``max_concurrent`` queries run and ``max_queued`` more wait.
+
+One asyncio event loop in a background thread serves every connection, so a slow or stalled
+client never holds up another: a connection gets ``request_timeout`` seconds to deliver a
+request's headers (from connecting or from its previous response) and as long again for the
+body, then it is answered 408 and closed. Queries run on published snapshots
+(``vecswim.snapshot``) in a pool of ``max_concurrent`` threads, never on the loop, so they
+never stop the engine's ticks nor the other connections; each has a time limit (DuckDB is
+interrupted) and a row limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import io
 import json
 import math
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.ipc as ipc
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from vecswim.snapshot import Snapshots
 from vecswim.sql import SQLError, execute, tables_for
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+_TEXT_TYPES = ("application/x-www-form-urlencoded", "application/sql", "application/octet-stream")
+_ENDPOINTS = "POST /sql, GET /tables or GET /health"
 
 
 class SQLServer:
     """Serves SQL over ``snapshots`` on ``bind:port`` (port 0: any free port) in a background
-    thread until ``close()``; each query may use ``threads`` DuckDB threads."""
+    thread until ``close()``; each query may use ``threads`` DuckDB threads.
+
+    ``max_concurrent`` queries run at once and up to ``max_queued`` more wait (each at most
+    ``timeout`` seconds) for a turn; beyond that a request is answered 503. Bodies are limited
+    to ``max_body`` bytes; ``backlog`` is the listen queue. Raises ``OSError`` if the address
+    cannot be bound.
+    """
 
     def __init__(
         self,
@@ -49,138 +74,392 @@ class SQLServer:
         timeout: float = 10.0,
         max_rows: int = 100_000,
         threads: int = 2,
+        *,
+        max_concurrent: int = 4,
+        max_queued: int = 64,
+        max_body: int = 1 << 20,
+        request_timeout: float = 10.0,
+        backlog: int = 1024,
     ) -> None:
         self.snapshots = snapshots
         self.threads = threads
         self.token = token
         self.timeout = timeout
         self.max_rows = max_rows
+        self.max_concurrent = max_concurrent
+        self.max_queued = max_queued
+        self.max_body = max_body
+        self.request_timeout = request_timeout
         self.queries = 0
         self.errors = 0
-        server = self
-
-        class Handler(_Handler):
-            owner = server
-
+        self.rejected = 0  # answered 503
+        self.running = 0  # queries in the thread pool now
+        self.waiting = 0  # queries waiting for a turn
         # The engine thread must not wait long for the GIL while a query thread runs Python:
         # hand it over every 0.5 ms instead of the default 5 ms.
         sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        self.httpd = ThreadingHTTPServer((bind, port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://{bind}:{self.port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="vecswim-sql")
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="vecswim-sql-http", daemon=True
+        )
         self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(bind, port, backlog), self._loop).result()
+        except BaseException:
+            self._stop_loop()
+            raise
+        host = f"[{bind}]" if ":" in bind else bind
+        self.url = f"http://{host}:{self.port}"
+
+    async def _start(self, bind: str, port: int, backlog: int) -> None:
+        self._slots = asyncio.Semaphore(self.max_concurrent)
+        app = web.Application(client_max_size=self.max_body, middlewares=[self._guard])
+        app.router.add_post("/sql", self._sql)
+        app.router.add_get("/tables", self._tables)
+        app.router.add_get("/health", self._health)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        manager = self._runner.server
+        loop = asyncio.get_running_loop()
+        deadline = self.request_timeout
+
+        def protocol() -> _Protocol:
+            # aiohttp's own idle timeout stays behind the deadline so that the deadline answers
+            return _Protocol(
+                manager,
+                loop=loop,
+                access_log=None,
+                keepalive_timeout=2 * deadline,
+                deadline=deadline,
+            )
+
+        try:
+            self._server = await loop.create_server(protocol, bind, port, backlog=backlog)
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        self._server.close()
+        await self._runner.cleanup()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _Handler(BaseHTTPRequestHandler):
-    owner: SQLServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt: str, *args) -> None:  # keep the engine's terminal clean
-        pass
-
-    def _send(self, code: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self, code: int, obj: object, headers: dict | None = None) -> None:
-        self._send(code, json.dumps(obj, default=str).encode(), "application/json", headers)
-
-    def _authorized(self) -> bool:
-        token = self.owner.token
-        if token is None:
-            return True
-        got = self.headers.get("Authorization", "")
-        if hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-            return True
-        self._json(401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"})
-        return False
-
-    def do_GET(self) -> None:
-        if not self._authorized():
+        """Stop listening, end the connections and the loop thread (idempotent)."""
+        if self._loop.is_closed():
             return
-        if self.path == "/health":
-            with self.owner.snapshots.reader() as view:
-                self._json(
-                    200,
-                    {"tick": view.tick, "queries": self.owner.queries, "errors": self.owner.errors},
-                )
-        elif self.path == "/tables":
-            with self.owner.snapshots.reader() as view:
-                tables = tables_for(view)
-                self._json(
-                    200,
-                    {
-                        "tick": view.tick,
-                        "tables": {
-                            n: [{"name": f.name, "type": str(f.type)} for f in t.schema]
-                            for n, t in tables.items()
-                        },
-                    },
-                )
-        else:
-            self._json(404, {"error": f"no such endpoint {self.path}; use POST /sql"})
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
+        self._stop_loop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def do_POST(self) -> None:
-        if not self._authorized():
-            return
-        if self.path != "/sql":
-            self._json(404, {"error": f"no such endpoint {self.path}; use POST /sql"})
-            return
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length).decode("utf-8", errors="replace")
-        query = body
-        if self.headers.get("Content-Type", "").startswith("application/json"):
-            try:
-                query = json.loads(body)["query"]
-            except (ValueError, KeyError, TypeError):
-                self._json(400, {"error": 'JSON body must be {"query": "..."}'})
-                return
-        o = self.owner
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    # -- request handling (on the loop thread) ---------------------------------------------
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Token check, and every failure as one line of JSON with the fitting status."""
+        proto = request.protocol
+        if isinstance(proto, _Protocol):
+            proto.disarm()  # the headers are in; the handler times the body itself
         try:
-            with o.snapshots.reader() as view:
+            if not self._authorized(request):
+                return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            return await handler(request)
+        except web.HTTPException as e:  # the router's 404/405, aiohttp's 413
+            if e.status == 404:
+                return _error(404, f"no such endpoint {request.path}; use {_ENDPOINTS}")
+            if e.status == 405:
+                allow = e.headers.get("Allow", "")
+                return _error(
+                    405,
+                    f"{request.method} is not allowed on {request.path}; use {allow}",
+                    {"Allow": allow},
+                )
+            if e.status == 413:
+                return self._too_large()
+            return _error(e.status, e.reason, close=e.status >= 500)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug here must not be a traceback on the engine's terminal
+            return _error(500, f"internal error: {type(e).__name__}: {e}", close=True)
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self.token is None:
+            return True
+        got = request.headers.get("Authorization", "")
+        return hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode())
+
+    def _too_large(self) -> web.Response:
+        return _error(413, f"request body larger than {self.max_body:,} bytes", close=True)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        with self.snapshots.reader() as view:
+            tick = view.tick
+        return _json(
+            200,
+            {
+                "tick": tick,
+                "queries": self.queries,
+                "errors": self.errors,
+                "rejected": self.rejected,
+                "running": self.running,
+                "waiting": self.waiting,
+            },
+        )
+
+    async def _tables(self, request: web.Request) -> web.StreamResponse:
+        return await self._in_pool(self._list_tables)
+
+    async def _sql(self, request: web.Request) -> web.StreamResponse:
+        kind = _representation(request.headers.get("Accept", ""))
+        if kind is None:
+            return _error(
+                406,
+                f"cannot answer Accept: {request.headers['Accept']}; accept "
+                f"application/json, text/csv or {ARROW_STREAM}",
+            )
+        ctype = request.headers.get("Content-Type")
+        media = request.content_type.lower()
+        if ctype is not None and not (
+            media.startswith("text/") or media == "application/json" or media in _TEXT_TYPES
+        ):
+            return _error(415, f"unsupported Content-Type {media}; send text/plain or JSON")
+        chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+        if request.content_length is None and not chunked:
+            return _error(411, "Content-Length is required (the query is the body)")
+        if (request.content_length or 0) > self.max_body:
+            return self._too_large()
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            msg = f"request body not received within {self.request_timeout:g}s"
+            return _error(408, msg, close=True)
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large()
+        try:
+            body = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return _error(400, "the body is not UTF-8 text")
+        query = body
+        if media == "application/json":
+            try:
+                doc = json.loads(body)
+            except ValueError as e:
+                return _error(400, f'bad JSON body ({e}); send {{"query": "SELECT ..."}}')
+            if not isinstance(doc, dict) or not isinstance(doc.get("query"), str):
+                got = (
+                    f'"query" is {_json_type(doc["query"])}'
+                    if isinstance(doc, dict) and "query" in doc
+                    else "no query"
+                    if isinstance(doc, dict)
+                    else f"got {_json_type(doc)}"
+                )
+                return _error(400, f'JSON body must be {{"query": "SELECT ..."}} ({got})')
+            query = doc["query"]
+        if not query.strip():
+            return _error(400, "no query: send the SQL as the body")
+        if "\x00" in query:
+            return _error(400, "the query contains a NUL character")
+        return await self._in_pool(self._query, query, kind)
+
+    async def _in_pool(self, fn, *args) -> web.StreamResponse:
+        """Run ``fn`` in the query pool once a slot is free; 503 if too many wait already."""
+        if self.running >= self.max_concurrent and self.waiting >= self.max_queued:
+            return self._busy()
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            return self._busy()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            status, body, ctype, headers = await asyncio.get_running_loop().run_in_executor(
+                self._pool, fn, *args
+            )
+        finally:
+            self.running -= 1
+            self._slots.release()
+        if fn == self._query:
+            if status == 200:
+                self.queries += 1
+            else:
+                self.errors += 1
+        return web.Response(status=status, body=body, content_type=ctype, headers=headers)
+
+    def _busy(self) -> web.Response:
+        self.rejected += 1
+        return _error(
+            503,
+            f"too many queries ({self.max_concurrent} running, {self.max_queued} waiting); "
+            "retry shortly",
+            {"Retry-After": "1"},
+        )
+
+    # -- work in the query pool ------------------------------------------------------------
+
+    def _query(self, query: str, kind: str) -> tuple[int, bytes, str, dict]:
+        try:
+            with self.snapshots.reader() as view:
                 res = execute(
-                    view, query, timeout=o.timeout, max_rows=o.max_rows, threads=o.threads
+                    view, query, timeout=self.timeout, max_rows=self.max_rows, threads=self.threads
                 )
         except SQLError as e:
-            o.errors += 1
-            self._json(400, {"error": str(e)})
-            return
-        o.queries += 1
+            return 400, _error_body(str(e)), "application/json", {}
         headers = {"X-Vecswim-Tick": str(res.tick), "X-Vecswim-Truncated": str(res.truncated)}
-        accept = self.headers.get("Accept", "")
-        if ARROW_STREAM in accept:
+        if kind == "arrow":
             sink = pa.BufferOutputStream()
             with ipc.new_stream(sink, res.table.schema) as w:
                 w.write_table(res.table)
-            self._send(200, sink.getvalue().to_pybytes(), ARROW_STREAM, headers)
-        elif "text/csv" in accept:
+            return 200, sink.getvalue().to_pybytes(), ARROW_STREAM, headers
+        if kind == "csv":
             buf = io.BytesIO()
             pacsv.write_csv(res.table, buf)
-            self._send(200, buf.getvalue(), "text/csv", headers)
-        else:
-            rows = [[_jsonable(v) for v in r.values()] for r in res.table.to_pylist()]
-            self._json(
-                200,
-                {
-                    "tick": res.tick,
-                    "columns": res.table.column_names,
-                    "types": [str(t) for t in res.table.schema.types],
-                    "rows": rows,
-                    "truncated": res.truncated,
+            return 200, buf.getvalue(), "text/csv", headers
+        rows = [[_jsonable(v) for v in r.values()] for r in res.table.to_pylist()]
+        doc = {
+            "tick": res.tick,
+            "columns": res.table.column_names,
+            "types": [str(t) for t in res.table.schema.types],
+            "rows": rows,
+            "truncated": res.truncated,
+        }
+        return 200, json.dumps(doc, default=str).encode(), "application/json", headers
+
+    def _list_tables(self) -> tuple[int, bytes, str, dict]:
+        with self.snapshots.reader() as view:
+            tables = tables_for(view)
+            doc = {
+                "tick": view.tick,
+                "tables": {
+                    n: [{"name": f.name, "type": str(f.type)} for f in t.schema]
+                    for n, t in tables.items()
                 },
-                headers,
+            }
+        return 200, json.dumps(doc).encode(), "application/json", {}
+
+
+class _Protocol(RequestHandler):
+    """aiohttp's HTTP/1.1 connection handler with a request deadline and JSON errors.
+
+    A connection must deliver a complete request head within ``deadline`` seconds of
+    connecting or of its previous response (aiohttp alone would wait for a trickled head as
+    long as the client likes); the handler then times the body. A connection that misses it
+    is answered 408 if it had started a request, and closed. Requests aiohttp cannot parse
+    (a bad Content-Length, a malformed head) are answered with one line of JSON too.
+    """
+
+    def __init__(self, manager, *, deadline: float, **kw) -> None:
+        super().__init__(manager, **kw)
+        self._deadline = deadline
+        self._timer: asyncio.TimerHandle | None = None
+        self._partial = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._partial = True
+        super().data_received(data)
+
+    def arm(self) -> None:
+        self.disarm()
+        self._timer = self._loop.call_later(self._deadline, self._expired)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is not None and self._partial:
+            body = _error_body(f"request not received within {self._deadline:g}s")
+            transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
+        self.force_close()
+
+    def log_access(self, request, response, time) -> None:  # called once a response is sent
+        self._partial = False
+        if self.transport is not None:
+            self.arm()
+
+    def handle_error(self, request, status=500, exc=None, message=None) -> web.StreamResponse:
+        if status >= 500:
+            message = "internal error"
+        text = message or (str(exc) if exc is not None else "bad request")
+        resp = _error(status, f"bad request: {text}" if status == 400 else text)
+        resp.force_close()
+        return resp
+
+
+def _error_body(message: str) -> bytes:
+    return json.dumps({"error": " ".join(str(message).split())}).encode()
+
+
+def _error(
+    status: int, message: str, headers: dict | None = None, close: bool = False
+) -> web.Response:
+    resp = web.Response(
+        status=status, body=_error_body(message), content_type="application/json", headers=headers
+    )
+    if close:
+        resp.force_close()
+    return resp
+
+
+def _json(status: int, obj: object) -> web.Response:
+    return web.Response(
+        status=status, body=json.dumps(obj, default=str).encode(), content_type="application/json"
+    )
+
+
+def _json_type(v: object) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, int | float):
+        return "a number"
+    return {list: "an array", dict: "an object", str: "a string"}.get(type(v), type(v).__name__)
+
+
+def _representation(accept: str) -> str | None:
+    """Arrow, CSV or JSON for an Accept header (arrow first, as before); None: none of them."""
+    types = {part.split(";")[0].strip().lower() for part in accept.split(",")} - {""}
+    if not types:
+        return "json"
+    if ARROW_STREAM in types:
+        return "arrow"
+    if "text/csv" in types:
+        return "csv"
+    if types & {"application/json", "*/*", "application/*", "*"}:
+        return "json"
+    if "text/*" in types:
+        return "csv"
+    return None
 
 
 def _jsonable(v: object) -> object:
