@@ -33,6 +33,16 @@ def float_changed(c, p, deadband):
 
 
 @njit(cache=True)
+def int_changed(c, p, threshold):
+    """An integer (or bool) moved more than ``threshold`` (uint64) from its last emitted
+    value ``p``, by the exact distance ``|c - p|`` (no overflow: taken in uint64)."""
+    a = np.int64(c)
+    b = np.int64(p)
+    d = np.uint64(a) - np.uint64(b) if a >= b else np.uint64(b) - np.uint64(a)
+    return d > threshold
+
+
+@njit(cache=True)
 def bucket_order(rows, shift, n_buckets):
     """Stable counting-sort permutation of ``rows`` by ``rows >> shift``.
 

@@ -40,11 +40,18 @@ def assign_parent(rows, prow, parent_row, track, delta_head, delta_next, delta_c
 @njit(cache=True)
 def fixed(v, scale):
     """A value's exact contribution to a sum: ``rint(v * scale)`` for floats (fixed point),
-    the value itself for integers (``scale == 0``). Int64 additions and subtractions of these
-    never drift: after any history a parent's accumulator equals the from-scratch sum."""
+    the value itself for integers (``scale == 0``), saturated to the int64 range. Int64
+    additions and subtractions of these (wrapping) never drift: after any history a parent's
+    accumulator equals the from-scratch sum modulo 2**64."""
     if scale == 0.0:
         return np.int64(v)
-    return np.int64(np.rint(np.float64(v) * scale))
+    x = np.rint(np.float64(v) * scale)
+    # beyond the int64 range the contribution saturates (still the same for add and remove)
+    if x >= 9.223372036854775807e18:
+        return np.int64(9223372036854775807)
+    if x < -9.223372036854775807e18:
+        return np.int64(-9223372036854775807 - 1)
+    return np.int64(x)
 
 
 @njit(cache=True, nogil=True)
@@ -61,8 +68,9 @@ def recompute_extreme(
     ties,
     sign,
 ):
-    """ext[p] = max (sign=1) / min (sign=-1) over p's current children (NaN if none) and
-    ties[p] = how many distinct children hold it, for each p in ``parents``.
+    """ext[p] = max (sign=1) / min (sign=-1) over p's current children with a finite value,
+    each taken as ``ext``'s dtype holds it (NaN if none), and ties[p] = how many distinct
+    children hold it, for each p in ``parents``.
 
     One pass over p's CSR segment (children sorted ascending, each at most once) plus p's
     delta list; a delta child also valid in the CSR segment (it moved away and back) or listed
@@ -70,6 +78,7 @@ def recompute_extreme(
     """
     n_csr = len(indptr) - 1
     visited = 0
+    held = np.empty(1, ext.dtype)  # a child's value as the parent column holds it
     for k in range(len(parents)):
         p = parents[k]
         best = np.nan
@@ -85,14 +94,14 @@ def recompute_extreme(
                     prefetch(parent_row, ca)
                     prefetch(cur, ca)
                 c = children[e]
-                if parent_row[c] == p:
-                    v = np.float64(cur[c])
-                    if v == v:
-                        if best != best or sign * v > sign * best:
-                            best = v
-                            n_best = 1
-                        elif v == best:
-                            n_best += 1
+                if parent_row[c] == p and np.isfinite(np.float64(cur[c])):
+                    held[0] = cur[c]
+                    v = np.float64(held[0])
+                    if best != best or sign * v > sign * best:
+                        best = v
+                        n_best = 1
+                    elif v == best:
+                        n_best += 1
         extra = 0
         e = delta_head[p]
         while e >= 0:
@@ -112,8 +121,9 @@ def recompute_extreme(
                         n_found += 1
                 e = delta_next[e]
             for c in np.unique(found[:n_found]):
-                v = np.float64(cur[c])
-                if v == v:
+                if np.isfinite(np.float64(cur[c])):
+                    held[0] = cur[c]
+                    v = np.float64(held[0])
                     if best != best or sign * v > sign * best:
                         best = v
                         n_best = 1

@@ -19,9 +19,9 @@ from vecswim import codegen
 from vecswim.deadletter import DeadLetters, validate_events
 from vecswim.kernels import dirty as kdirty
 from vecswim.kernels import links as klinks
-from vecswim.schema import AgentType, Custom, Link, State
+from vecswim.schema import AgentType, Custom, Link, State, check_links, via_fields
 from vecswim.sinks import RecentEmissions, Sink
-from vecswim.table import StateTable
+from vecswim.table import StateTable, mean_count
 
 _TICK_WRAP = np.iinfo(np.int32).max - 1
 
@@ -154,6 +154,8 @@ class Engine:
         self.types = {at.name: at for at in agent_types}
         if len(self.types) != len(agent_types):
             raise ValueError("agent type names must be unique")
+        links = list(links)
+        check_links(self.types, links)
         caps = capacity if isinstance(capacity, Mapping) else dict.fromkeys(self.types, capacity)
         self.tables = {n: StateTable(at, caps.get(n, 1024)) for n, at in self.types.items()}
         self.tick_id = 0
@@ -168,7 +170,9 @@ class Engine:
         self._scanned = 0
         self._pending_links: list[tuple[str, object, object]] = []
         self._steps = {n: self._compile_rules(at) for n, at in self.types.items()}
-        self._fields = {n: at.event_fields() for n, at in self.types.items()}
+        self._fields = {
+            n: at.event_fields(via_fields(at, self.types, links)) for n, at in self.types.items()
+        }
         self.links: dict[str, _LinkState] = {}
         self._aggs: dict[str, list[codegen.AggSpec]] = {}
         for link in links:
@@ -208,7 +212,7 @@ class Engine:
         self._prop_src: dict[str, codegen.Source] = {}
         for name, t in self.tables.items():
             via = [n for n, ls in self.links.items() if ls.link.child == name and ls.link.via]
-            hidden_count = {c: f"{c}__n" for c in t.cols if f"{c}__n" in t.hidden}
+            hidden_count = {c: mean_count(c) for c in t.cols if mean_count(c) in t.hidden}
             self._event_src[name] = codegen.event_pass(
                 f"event_pass_{name}",
                 list(t.snap_columns),
@@ -217,7 +221,7 @@ class Engine:
                 via,
                 hidden_count,
             )
-            emitted = [(c, t.deadband[c] if t.dtypes[c].kind == "f" else None) for c in t.last]
+            emitted = [(c, t.deadband[c], t.dtypes[c].kind == "f") for c in t.last]
             self._emit_src[name] = codegen.emit_pass(f"emit_pass_{name}", emitted)
             sources += [self._event_src[name], self._emit_src[name]]
         for name, ls in self.links.items():
@@ -232,24 +236,19 @@ class Engine:
         self._kernels = codegen.load(*sources)
 
     def _add_link(self, link: Link) -> None:
-        if link.name in self.links or link.name in self.types:
-            raise ValueError(f"link name {link.name!r} is already an agent type or link")
-        if link.child not in self.tables or link.parent not in self.tables:
-            raise ValueError(f"link {link.name!r}: unknown agent type")
+        # check_links has refused everything the kernels below can't compute exactly
         child, parent = self.tables[link.child], self.tables[link.parent]
         child.add_parent_link(link.name)
         child.enable_parent_snapshot(link.name)
         track = False
         aggs = []
         for col, agg in link.aggregates.items():
-            pc = parent.type.column(col)
-            if agg.kind not in _AGG_HIDDEN:
-                raise ValueError(f"{link.name}: unknown aggregate {agg.kind!r}")
-            if agg.kind in ("min", "max", "mean") and pc.np_dtype.kind != "f":
-                raise ValueError(f"{link.name}: {agg.kind} column {col!r} must be float")
             hidden = tuple(f"__{link.name}.{col}.{h}" for h in _AGG_HIDDEN[agg.kind])
             for h in hidden:
                 parent.add_hidden(h, np.int64, 0)
+            # a parent's aggregate is a function of its children only: a parent without
+            # children holds the empty aggregate from the moment it exists
+            parent.set_initial(col, 0 if agg.kind in ("count", "sum") else np.nan)
             is_float = False
             if agg.column is not None:
                 is_float = child.type.column(agg.column).np_dtype.kind == "f"
@@ -262,12 +261,11 @@ class Engine:
                     child_column=agg.column,
                     scale=float(agg.scale) if is_float else 0.0,
                     hidden=hidden,
+                    dtype=parent.dtypes[col].name,
                 )
             )
         self._aggs[link.name] = aggs
-        for dst, src in link.broadcast.items():
-            child.type.column(dst)
-            parent.type.column(src)
+        for src in link.broadcast.values():
             parent.enable_snapshot(src)
             track = True
         self.links[link.name] = _LinkState(link, child, parent, track)
@@ -294,11 +292,20 @@ class Engine:
         self.sinks.append(sink)
 
     def set_links(self, link: str, child_keys: object, parent_keys: object) -> None:
-        """Link ``child_keys[i]`` to ``parent_keys[i]`` in the next tick (creating agents as
-        needed). Bulk: arrays of keys, applied with one kernel call."""
+        """Link ``child_keys[i]`` to ``parent_keys[i]`` in the next tick, after its events
+        (creating agents as needed, children first). Bulk: arrays (numpy, Arrow or sequences)
+        of keys of each side's key dtype, applied with one kernel call. Raises ``ValueError``
+        or ``TypeError`` at once on keys of another type, nulls or unequal lengths."""
         if link not in self.links:
             raise KeyError(f"no link named {link!r}")
-        self._pending_links.append((link, child_keys, parent_keys))
+        ls = self.links[link]
+        ck = _key_array(child_keys, ls.child, f"set_links({link!r}) child keys")
+        pk = _key_array(parent_keys, ls.parent, f"set_links({link!r}) parent keys")
+        if len(ck) != len(pk):
+            raise ValueError(
+                f"set_links({link!r}): {len(ck)} child keys but {len(pk)} parent keys"
+            )
+        self._pending_links.append((link, ck, pk))
 
     def tick(self, events: Mapping[str, pa.RecordBatch | pa.Table] | None = None) -> TickStats:
         """Run one tick over ``events`` (agent type name -> batch with the key and fields).
@@ -339,6 +346,8 @@ class Engine:
                 # and their first emission in the tick that created them
                 t.mark(np.arange(t.first_new, t.n, dtype=np.int32), tick)
         phases = {"events": time.perf_counter() - t0}
+        for ls in self.links.values():
+            ls.reserve(0)  # parents created this tick by their own events need delta heads
         for name in self._order:
             t1 = time.perf_counter()
             self._propagate(self.links[name], tick)
@@ -482,12 +491,9 @@ class Engine:
 
     def event_fields(self, name: str) -> dict[str, np.dtype | str]:
         """Event fields the engine reads for agent type ``name`` (besides its key), with the
-        dtype each is cast to; parent-key fields of links have the parent's key dtype."""
-        fields = dict(self._fields[name])
-        for ls in self.links.values():
-            if ls.link.child == name and ls.link.via is not None:
-                fields[ls.link.via] = ls.parent.key_dtype
-        return fields
+        dtype each is decoded as (``AgentType.event_fields``; parent-key fields of links have
+        the parent's key dtype)."""
+        return dict(self._fields[name])
 
     def _apply_events(self, table: StateTable, batch: pa.Table, tick: int) -> None:
         at = table.type
@@ -510,10 +516,9 @@ class Engine:
         via: dict[str, np.ndarray] = {}
         for name, ls in self.links.items():
             if ls.link.child == table.name and ls.link.via is not None:
-                pkeys = batch.column(ls.link.via)
-                if perm is not None:
-                    pkeys = pkeys.take(pa.array(perm))
-                via[name] = ls.parent.resolve(pkeys)
+                # resolved in arrival order, so new parents are created in that order
+                prow = ls.parent.resolve(batch.column(ls.link.via))
+                via[name] = prow if perm is None else prow[perm]
                 ls.reserve(len(rows))
         table.reserve_dirty(len(rows))
         src = self._event_src[table.name]
@@ -777,3 +782,28 @@ def _call_custom(k: Custom, rows: np.ndarray, value: Callable, table: StateTable
     args += [table.cols[o] for o in k.outputs]
     args += list(k.params)
     k.fn(*args)
+
+
+def _key_array(keys: object, table: StateTable, what: str) -> pa.Array:
+    """``keys`` as an Arrow array of ``table``'s key dtype, or a clear error."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if not isinstance(keys, pa.Array):
+        try:
+            keys = pa.array(keys if isinstance(keys, np.ndarray) else list(keys))
+        except (pa.ArrowException, TypeError) as e:
+            raise TypeError(f"{what}: not an array of keys ({e})") from None
+    if len(keys) == 0:
+        return pa.array([], pa.large_string() if table.string_keys else pa.int64())
+    if keys.null_count:
+        raise ValueError(f"{what}: null keys")
+    if table.string_keys:
+        if not (pa.types.is_string(keys.type) or pa.types.is_large_string(keys.type)):
+            raise TypeError(f"{what}: {table.name} keys are strings, got {keys.type}")
+        return keys
+    if not pa.types.is_integer(keys.type):
+        raise TypeError(f"{what}: {table.name} keys are int64, got {keys.type}")
+    try:
+        return keys.cast(pa.int64())
+    except pa.ArrowInvalid:
+        raise ValueError(f"{what}: keys out of the int64 range") from None

@@ -46,7 +46,7 @@ class StateTable:
                 self.last[c.name] = np.empty(0, c.np_dtype)
                 self.deadband[c.name] = c.deadband
             if c.rule is not None and c.rule.kind == "mean":
-                self._declare_hidden(f"{c.name}__n", np.dtype(np.int32), 0)
+                self._declare_hidden(mean_count(c.name), np.dtype(np.int32), 0)
         self.stamp = np.empty(0, np.int32)
         self.keys = np.empty(0, np.int64)
         self.dict_offsets = np.zeros(1, np.int64)
@@ -79,6 +79,14 @@ class StateTable:
         self._declare_hidden(name, np.dtype(dtype), initial)
         self.hidden[name] = np.full(self.cap, initial, np.dtype(dtype))
         return self.hidden[name]
+
+    def set_initial(self, name: str, value: float | int) -> None:
+        """Change a column's value for new agents (only before the first agent exists)."""
+        assert self.n == 0, "initial values are fixed once agents exist"
+        self.initial[name] = value
+        self.column(name)[:] = value
+        if name in self.last:
+            self.last[name][:] = value
 
     def add_parent_link(self, link: str) -> None:
         """Give every row a parent row for ``link`` (-1 = unlinked)."""
@@ -289,6 +297,11 @@ class StateTable:
             total += sum(a.nbytes for a in group.values())
         total += self.keys.nbytes + self.dict_offsets.nbytes + self.dict_data.nbytes
         return total
+
+
+def mean_count(column: str) -> str:
+    """Name of the hidden event count of a ``mean`` column (``__`` names are the engine's)."""
+    return f"__n.{column}"
 
 
 def _int_keys(keys: pa.Array | np.ndarray) -> np.ndarray:
