@@ -165,10 +165,11 @@ MALFORMED_JSON = {
     b'"coolant_vol": 1.0, "fleet_id": 7}',
     "empty": b"",
     "whitespace only": b"   ",
-    "unknown field": bad(color="red"),
     "array": b"[1, 2, 3]",
     "scalar": b"42",
     "two objects": bad() + bad(),
+    "two objects on two lines": bad() + b"\n" + bad(),
+    "two objects with a comma": bad() + b", " + bad(),
     "5 MB payload": bad(engine_id=2)[:-1] + b', "pad": "' + b"x" * (5_000_000 - 200) + b'"}',
 }
 
@@ -181,6 +182,7 @@ def test_malformed_messages_go_to_the_dlq_and_accounting_is_exact(pulsar_broker)
     pub.publish(good_before)
     for payload in MALFORMED_JSON.values():
         pub.send_raw(payload, key="1")
+    pub.send_raw(bad(engine_id=300, color="red"), key="300")  # extra members are ignored
     good_after = pa.RecordBatch.from_pylist([dict(GOOD, engine_id=200 + i) for i in range(50)])
     pub.publish(good_after)
     pub.close()
@@ -195,12 +197,12 @@ def test_malformed_messages_go_to_the_dlq_and_accounting_is_exact(pulsar_broker)
 
     n_bad = len(MALFORMED_JSON)
     c = src.counts
-    assert c["messages"] == 100 + n_bad
-    assert eng.totals["events"] == 100
+    assert c["messages"] == 101 + n_bad
+    assert eng.totals["events"] == 101
     assert c["dead_messages"] + c["dead_rows"] == n_bad
     assert c["messages"] == eng.totals["events"] + c["dead_messages"] + c["dead_rows"]
     keys = {k for k in eng.state("engine").column("engine_id").to_pylist()}
-    assert keys == set(range(100, 150)) | set(range(200, 250))
+    assert keys == set(range(100, 150)) | set(range(200, 250)) | {300}
 
     dlq = read_all(url, t_dlq)
     assert len(dlq) == n_bad
@@ -225,13 +227,21 @@ def test_malformed_arrow_messages(pulsar_broker):
     payloads = {
         "corrupt": b"\x00\x01garbage" * 10,
         "truncated": ok[: len(ok) // 2],
-        "unknown field": arrow_bytes(good.append_column("color", pa.array(["red"] * 10))),
         "missing field": arrow_bytes(good.drop_columns(["fan_temp"])),
-        "uncastable": arrow_bytes(good.set_column(1, "engine_temp", pa.array(["hot"] * 10))),
     }
+    # rows that fail a cast are dead-lettered one by one; the message's other rows apply
+    temps = pa.array(["hot", "1.5", "hot", "2", "hot", "hot", "hot", "hot", "hot", "hot"])
+    uncastable = arrow_bytes(good.set_column(1, "engine_temp", temps))
+    extra = arrow_bytes(  # extra columns are ignored
+        good.append_column("color", pa.array(["red"] * 10)).set_column(
+            0, "engine_id", pa.array(np.arange(100, 110, dtype=np.int64))
+        )
+    )
     pub = pulsar_io.EventPublisher(url, t_in, "engine_id", "arrow")
     for p in payloads.values():
         pub.send_raw(p)
+    pub.send_raw(uncastable)
+    pub.send_raw(extra)
     pub.send_raw(ok)
     pub.close()
     eng = engines.build_engine(1000)
@@ -246,10 +256,18 @@ def test_malformed_arrow_messages(pulsar_broker):
     eng.run(Until(src, pub.messages), max_events=1000, tick_ms=20)
     src.close()
     assert src.counts["dead_messages"] == len(payloads)
-    assert eng.totals["events"] == 10
+    assert src.counts["dead_rows"] == 8
+    assert eng.totals["events"] == 22
+    assert sorted(eng.state("engine").column("engine_id").to_pylist()) == [
+        *range(10),
+        *range(100, 110),
+    ]
     dlq = read_all(url, t_dlq)
-    assert len(dlq) == len(payloads)
-    assert all(p["reason"].startswith("arrow:") for _, p, _ in dlq)
+    assert len(dlq) == len(payloads) + 8
+    reasons = [p["reason"] for _, p, _ in dlq]
+    assert "arrow: missing field 'fan_temp'" in reasons
+    assert sum(r.startswith("arrow:") for r in reasons) == len(payloads)
+    assert reasons.count("field 'engine_temp': cannot convert to float64") == 8
 
 
 def test_message_key_as_agent_key(pulsar_broker):

@@ -8,11 +8,13 @@ exists (at-least-once; exactly-once state comes with checkpoints). Messages that
 decoded, or whose rows the engine rejects, are published to the dead-letter topic with the
 reason as the ``reason`` property before they are acknowledged, and counted.
 
-Decoding is bulk: JSON payloads (one event per message) are joined into one NDJSON buffer and
-parsed by Arrow in one call against the agent type's event schema; a bad message is found by
-bisection only when a batch fails to parse. Arrow IPC payloads (many events per message) are
-read zero-copy. The only per-message Python is what the client forces (``data()``,
-``message_id()``, ``partition_key()``).
+Decoding is the one decoder's (``vecswim.decode``, which states the cast rules), in bulk:
+JSON payloads (one event per message) are checked to hold exactly one JSON object each (a
+numba scan), joined into one NDJSON buffer and parsed by Arrow in one call against the agent
+type's schema, so rows and message keys pair with their messages by construction; a bad
+message is found by bisection only when a batch fails to parse. Arrow IPC payloads (many
+events per message) are read zero-copy and cast per row. The only per-message Python is what
+the client forces (``data()``, ``message_id()``, ``partition_key()``).
 
 Backpressure: the consumer's receiver queue is bounded and the engine polls only when it is
 ready for the next tick, so a slow engine stops pulling instead of buffering without limit.
@@ -27,14 +29,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import polars as pl
 import pulsar
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.ipc as ipc
-import pyarrow.json as pajson
 
+from vecswim import decode
 from vecswim.schema import AgentType
 
 SUBSCRIPTION_TYPES = {
@@ -75,22 +75,6 @@ def client(service_url: str, options: ClientOptions | None = None) -> pulsar.Cli
         logger=pulsar.ConsoleLogger(pulsar.LoggerLevel.Error),
         **o.extra,
     )
-
-
-def event_schema(at: AgentType, fields: dict[str, object], key_from_message: bool) -> pa.Schema:
-    """The Arrow schema events of ``at`` are decoded with: key (unless it comes from the
-    message key) and every field the engine reads, at the engine's dtypes."""
-    cols = [] if key_from_message else [(at.key, _arrow(at.key_dtype))]
-    cols += [(name, _arrow(dt)) for name, dt in fields.items() if name != at.key]
-    return pa.schema(cols)
-
-
-def _arrow(dt: object) -> pa.DataType:
-    if dt == "string":
-        return pa.large_string()
-    if dt == "int64":
-        return pa.int64()
-    return pa.from_numpy_dtype(np.dtype(dt))
 
 
 class PulsarSource:
@@ -140,7 +124,7 @@ class PulsarSource:
         self.agent_type = agent_type
         self.fmt = fmt
         self.key_from_message = key_from == "message"
-        self.schema = event_schema(agent_type, fields, self.key_from_message)
+        self.plan = decode.plan_for(agent_type, fields, self.key_from_message)
         self.max_payload_bytes = max_payload_bytes
         self.sub_type = subscription_type.lower()
         self.client = client(service_url, options)
@@ -206,14 +190,12 @@ class PulsarSource:
         self.counts["messages"] += len(msgs)
         payloads = [m.data() for m in msgs]
         if self.fmt == "json":
-            table, bad = decode_json(payloads, self.schema, self.max_payload_bytes)
-            keep = _without(len(msgs), [i for i, _ in bad])
+            keys = [m.partition_key() for m in msgs] if self.key_from_message else None
+            table, bad = decode_json(payloads, self.plan, self.max_payload_bytes, keys)
         else:
-            table, bad, keep = decode_arrow(payloads, self.schema, self.max_payload_bytes)
-        if self.key_from_message and table is not None:
-            keys = [msgs[i].partition_key() for i in keep]
-            table, bad_keys = _add_message_keys(table, keys, keep, self.agent_type)
-            bad += bad_keys
+            table, bad, dead_rows = decode_arrow(payloads, self.plan, self.max_payload_bytes)
+            for rows in dead_rows:  # rows of good messages that fail a cast
+                self.dead_rows(0, self.agent_type.name, rows)
         for i, reason in bad:
             self._dead_message(msgs[i], reason)
         self.counts["dead_messages"] += len(bad)
@@ -289,122 +271,54 @@ def _position(msg) -> tuple[str, tuple[int, int, int]]:
     return msg.topic_name(), (mid.ledger_id(), mid.entry_id(), mid.batch_index())
 
 
-def _without(n: int, drop: list[int]) -> list[int]:
-    dropped = set(drop)
-    return [i for i in range(n) if i not in dropped]
-
-
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def decode_json(
-    payloads: list[bytes], schema: pa.Schema, max_bytes: int
+    payloads: list[bytes],
+    plan: decode.Plan,
+    max_bytes: int,
+    keys: list[str | None] | None = None,
 ) -> tuple[pa.Table | None, list[tuple[int, str]]]:
-    """Parse one JSON object per payload in one Arrow call; returns (rows of the good
-    payloads in order, [(index, reason)] of the bad ones). Bad payloads are isolated by
-    bisection, so a clean batch costs one parse."""
-    bad: list[tuple[int, str]] = []
-    good: list[int] = []
-    for i, p in enumerate(payloads):
-        if not p:
-            bad.append((i, "empty payload"))
-        elif len(p) > max_bytes:
-            bad.append((i, f"payload of {len(p)} bytes exceeds {max_bytes}"))
-        else:
-            good.append(i)
-    opts = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="error")
-    block = max(1 << 20, max_bytes + 2)
-
-    def parse(idx: list[int]) -> tuple[list[pa.Table], list[tuple[int, str]]]:
-        lines = [payloads[i] for i in idx]
-        joined = b"\n".join(lines)
-        try:
-            if joined.count(b"\n") != len(lines) - 1:
-                # JSON allows raw newlines only as whitespace: fold them to spaces
-                joined = b"\n".join(x.replace(b"\n", b" ").replace(b"\r", b" ") for x in lines)
-            t = pajson.read_json(
-                pa.BufferReader(joined),
-                read_options=pajson.ReadOptions(block_size=block, use_threads=False),
-                parse_options=opts,
-            )
-            if t.num_rows == len(idx):
-                return [t], []
-            err = f"payload is not exactly one JSON object ({t.num_rows} rows)"
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-            err = _first_line(e)
-        if len(idx) == 1:
-            return [], [(idx[0], err)]
-        mid = len(idx) // 2
-        t1, b1 = parse(idx[:mid])
-        t2, b2 = parse(idx[mid:])
-        return t1 + t2, b1 + b2
-
-    tables, more_bad = parse(good) if good else ([], [])
-    bad += more_bad
-    bad.sort()
-    if not tables:
-        return None, bad
-    return (tables[0] if len(tables) == 1 else pa.concat_tables(tables)), bad
+    """Decode one JSON object per payload (``vecswim.decode.decode_payloads``); returns
+    (events of the good payloads in order, [(index, reason)] of the bad ones). ``keys``: the
+    message keys when the plan takes the agent key from them; each is paired with its own
+    payload (a payload that is not exactly one object is dead, never shifts the pairing)."""
+    res = decode.decode_payloads(plan, payloads, keys, max_bytes)
+    return res.table, res.bad
 
 
 def decode_arrow(
-    payloads: list[bytes], schema: pa.Schema, max_bytes: int
-) -> tuple[pa.Table | None, list[tuple[int, str]], list[int]]:
-    """Read each payload as an Arrow IPC stream (zero-copy) and conform it to ``schema``;
-    returns (all events, [(index, reason)] of bad payloads, indexes of good payloads)."""
+    payloads: list[bytes], plan: decode.Plan, max_bytes: int
+) -> tuple[pa.Table | None, list[tuple[int, str]], list[pa.RecordBatch]]:
+    """Read each payload as an Arrow IPC stream (zero-copy) and decode it by the plan;
+    returns (events of all payloads in order, [(index, reason)] of payloads that are unreadable
+    or miss a column, dead rows of the others (original columns + ``reason``) per payload)."""
     tables = []
     bad: list[tuple[int, str]] = []
-    keep: list[int] = []
-    names = set(schema.names)
+    dead: list[pa.RecordBatch] = []
     for i, p in enumerate(payloads):  # one message = many events: per-message work is amortized
         if len(p) > max_bytes:
-            bad.append((i, f"payload of {len(p)} bytes exceeds {max_bytes}"))
+            bad.append((i, f"payload exceeds {max_bytes} bytes"))
             continue
         try:
             t = ipc.open_stream(pa.py_buffer(p)).read_all()
-            if not t.schema.equals(schema):  # the common case needs no conforming at all
-                extra = set(t.column_names) - names
-                if extra:
-                    raise ValueError(f"unknown field(s) {sorted(extra)}")
-                missing = names - set(t.column_names)
-                if missing:
-                    raise ValueError(f"missing field(s) {sorted(missing)}")
-                t = t.select(schema.names).cast(schema)
         except (pa.ArrowException, ValueError, OSError) as e:
             bad.append((i, f"arrow: {_first_line(e)}"))
             continue
-        tables.append(t)
-        keep.append(i)
+        missing = [f for f in plan.fields if f not in t.column_names]
+        if missing:
+            bad.append((i, f"arrow: missing field {missing[0]!r}"))
+            continue
+        good, rows = decode.decode_batch(plan, t)
+        if rows is not None:
+            dead.append(rows)
+        if good is not None and good.num_rows:
+            tables.append(good)
     if not tables:
-        return None, bad, keep
-    return pa.concat_tables(tables), bad, keep
-
-
-def _add_message_keys(
-    table: pa.Table, keys: list[str], keep: list[int], at: AgentType
-) -> tuple[pa.Table, list[tuple[int, str]]]:
-    """Append the message keys (one per row, JSON only) as the key column; messages whose key
-    is empty or not an int64 (for int64 agent types) are returned as bad."""
-    arr = pa.array([k or None for k in keys], pa.large_string())
-    if at.key_dtype == "int64":
-        digits = pc.fill_null(pc.match_substring_regex(arr, r"^-?[0-9]{1,19}$"), False)
-        wide = pc.cast(pc.if_else(digits, arr, "0"), pa.decimal128(20, 0))
-        ok = pc.and_(
-            digits,
-            pc.and_(
-                pc.greater_equal(wide, pa.scalar(-(2**63), wide.type)),
-                pc.less_equal(wide, pa.scalar(2**63 - 1, wide.type)),
-            ),
-        )
-        reason = "message key is not an int64"
-        arr = pc.cast(pc.if_else(ok, wide, pa.scalar(0, wide.type)), pa.int64())
-    else:
-        ok = pc.invert(arr.is_null())
-        reason = "empty message key"
-    ok_np = ok.to_numpy(zero_copy_only=False)
-    bad = [(keep[j], reason) for j in np.flatnonzero(~ok_np)]
-    return table.filter(ok).append_column(at.key, arr.filter(ok)), bad
+        return None, bad, dead
+    return (tables[0] if len(tables) == 1 else pa.concat_tables(tables)), bad, dead
 
 
 class _Producer:
