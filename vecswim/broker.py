@@ -7,7 +7,9 @@ second call finds them there. ``start()`` writes a minimal standalone configurat
 functions worker, no stream storage) with a bounded heap, in its own process group, then
 waits until the binary port accepts connections, the admin health check answers 200 and the
 ``public/default`` namespace exists.
-``stop()`` ends it (SIGTERM, then SIGKILL after a grace period).
+``stop()`` ends it: SIGTERM, on which the JVM's shutdown hooks close the broker and the bookie
+(about 5 s), then SIGKILL only if it is still running after a grace period. The broker is
+reaped when it is our own child, so a finished process is never mistaken for a running one.
 """
 
 from __future__ import annotations
@@ -15,12 +17,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +85,15 @@ dbStorage_rocksDB_blockCacheSize=33554432
 """
 
 
+INSTALL_HINT = (
+    "install Java 17 and Maven: 'apt-get install openjdk-17-jre-headless maven' "
+    "(Debian/Ubuntu) or 'brew install openjdk@17 maven' (macOS)"
+)
+# "[INFO] Downloaded from central: https://.../x.jar (1.2 MB at 3.4 MB/s)"
+_DOWNLOADED = re.compile(r"Downloaded from [^:]+: \S+ \(([\d.,]+) (B|kB|KB|MB|GB)\b")
+_UNITS = {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+
+
 class BrokerError(RuntimeError):
     """The broker could not be fetched, started or stopped; the message says why."""
 
@@ -96,30 +112,91 @@ def pulsar_home(version: str = PULSAR_VERSION) -> Path:
     return cache_dir() / "pulsar" / version
 
 
-def fetch(version: str = PULSAR_VERSION, quiet: bool = True) -> Path:
-    """Resolve the broker's jars into the cache (once); returns the folder of jars."""
+def fetch(
+    version: str = PULSAR_VERSION,
+    quiet: bool = True,
+    progress: Callable[[str], None] | None = None,
+    every: float = 3.0,
+) -> Path:
+    """Resolve the broker's jars into the cache (once); returns the folder of jars.
+
+    A cold fetch downloads about 235 MB; ``progress`` (if given) is called about every
+    ``every`` seconds with a line saying how much Maven has downloaded so far.
+    """
     home = pulsar_home(version)
     lib = home / "lib"
     done = home / ".complete"
     if done.exists():
         return lib
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "pom.xml").write_text(_POM.format(version=version))
-    (home / "settings.xml").write_text(_SETTINGS)
-    cmd = [
-        "mvn", "-B", *(["-q"] if quiet else []), "-s", str(home / "settings.xml"),
-        "-f", str(home / "pom.xml"), "dependency:copy-dependencies",
-        f"-DoutputDirectory={lib}", "-DincludeScope=runtime",
-    ]  # fmt: skip
+    for tool, what in (("mvn", "Maven (mvn)"), ("java", "Java (java)")):
+        if shutil.which(tool) is None:
+            raise BrokerError(
+                f"{what} is not installed; it is needed to fetch Pulsar: {INSTALL_HINT}"
+            )
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except FileNotFoundError:
-        raise BrokerError("Maven (mvn) is not installed; it is needed to fetch Pulsar") from None
-    if r.returncode != 0:
-        tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
-        raise BrokerError(f"mvn could not resolve pulsar-broker {version}: {tail}")
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "pom.xml").write_text(_POM.format(version=version))
+        (home / "settings.xml").write_text(_SETTINGS)
+    except OSError as e:
+        raise BrokerError(f"cannot write the Pulsar cache {home}: {e.strerror}") from None
+    cmd = [
+        "mvn", "-B", *(["-q"] if quiet and progress is None else []),
+        "-s", str(home / "settings.xml"), "-f", str(home / "pom.xml"),
+        "dependency:copy-dependencies", f"-DoutputDirectory={lib}", "-DincludeScope=runtime",
+    ]  # fmt: skip
+    code, tail = _maven(cmd, progress, every, timeout=1800)
+    if code != 0:
+        raise BrokerError(f"mvn could not resolve pulsar-broker {version}: {' | '.join(tail[-3:])}")
     done.write_text(version)
     return lib
+
+
+def _maven(
+    cmd: list[str], progress: Callable[[str], None] | None, every: float, timeout: float
+) -> tuple[int, list[str]]:
+    """Run Maven; report its downloads (count and size of the files it says it fetched)
+    through ``progress`` every ``every`` seconds. Returns the exit code and the last lines."""
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
+    except FileNotFoundError:
+        raise BrokerError(f"Maven (mvn) is not installed: {INSTALL_HINT}") from None
+    tail: deque[str] = deque(maxlen=20)
+    got = {"files": 0, "bytes": 0.0}
+
+    def read() -> None:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            if m := _DOWNLOADED.search(line):
+                got["files"] += 1
+                got["bytes"] += float(m[1].replace(",", "")) * _UNITS[m[2]]
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    start = time.monotonic()
+    while True:
+        try:
+            proc.wait(timeout=every)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - start > timeout:
+                proc.kill()
+                proc.wait()
+                raise BrokerError(f"mvn did not finish within {timeout:.0f}s") from None
+            if progress is not None:
+                progress(
+                    f"pulsar fetch: {got['bytes'] / 1e6:,.1f} MB in {got['files']:,} files "
+                    f"downloaded ({time.monotonic() - start:.0f}s)"
+                )
+    reader.join(timeout=5)
+    if progress is not None and got["files"]:
+        progress(
+            f"pulsar fetch: {got['bytes'] / 1e6:,.1f} MB in {got['files']:,} files downloaded"
+            f" in {time.monotonic() - start:.0f}s"
+        )
+    return proc.returncode, list(tail)
 
 
 def _port_open(port: int) -> bool:
@@ -151,20 +228,27 @@ def start(
     max_message_size: int = 5 * 1024 * 1024,
     timeout: float = 180.0,
     version: str = PULSAR_VERSION,
+    progress: Callable[[str], None] | None = None,
 ) -> Broker:
-    """Start a standalone broker (fetching jars if needed) and wait until it is healthy.
+    """Start a standalone broker (fetching jars if needed, reporting the download through
+    ``progress``) and wait until it is healthy.
 
     Raises :class:`BrokerError` with the end of the broker log if it does not come up within
     ``timeout`` seconds, or if one of the ports is already taken.
     """
     data = Path(data_dir) if data_dir else cache_dir() / "pulsar-data"
-    data.mkdir(parents=True, exist_ok=True)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BrokerError(
+            f"cannot use {data} as the broker's data directory: {e.strerror}"
+        ) from None
     for p in (port, http_port, bookie_port):
         if _port_open(p):
             raise BrokerError(
                 f"port {p} is already in use (is a broker running? 'vecswim pulsar stop')"
             )
-    lib = fetch(version)
+    lib = fetch(version, progress=progress)
     conf = data / "standalone.conf"
     conf.write_text(_CONF.format(port=port, http_port=http_port, max_message_size=max_message_size))
     log = open(data / "pulsar.log", "ab")  # noqa: SIM115 - handed to the child process
@@ -181,7 +265,9 @@ def start(
             cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data, start_new_session=True
         )
     except FileNotFoundError:
-        raise BrokerError("Java (java) is not installed; Pulsar needs Java 17+") from None
+        raise BrokerError(
+            f"Java (java) is not installed; Pulsar needs Java 17+: {INSTALL_HINT}"
+        ) from None
     finally:
         log.close()
     (data / "pulsar.pid").write_text(str(proc.pid))
@@ -206,6 +292,25 @@ def _log_tail(data: Path) -> str:
     return " | ".join(lines[-5:])
 
 
+def _alive(pid: int) -> bool:
+    """Whether the broker (process group ``pid``) still runs. A broker that has exited but
+    is not yet reaped (a zombie) does not count: when it is our child it is reaped here,
+    otherwise its state in /proc says so. (Counting zombies made every stop wait out the whole
+    grace period although the JVM had shut down in about 5 s.)"""
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
 def _kill(pid: int, grace: float = 20.0) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -213,13 +318,13 @@ def _kill(pid: int, grace: float = 20.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             return
-        time.sleep(0.2)
+        time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 def stop(data_dir: str | Path | None = None) -> bool:
@@ -228,11 +333,12 @@ def stop(data_dir: str | Path | None = None) -> bool:
     pid_file = data / "pulsar.pid"
     if not pid_file.exists():
         return False
-    pid = int(pid_file.read_text())
     try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        pid_file.unlink()
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError) as e:
+        raise BrokerError(f"unreadable pid file {pid_file}: {e}") from None
+    if not _alive(pid):
+        pid_file.unlink(missing_ok=True)
         return False
     _kill(pid)
     pid_file.unlink(missing_ok=True)

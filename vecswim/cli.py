@@ -6,8 +6,11 @@ exits with code 2; no traceback reaches the user.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -87,7 +90,67 @@ def _per_agent(engine) -> float:
     return engine.nbytes / max(engine.agents, 1)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _pulsar_url(ctx, param, value: str | None) -> str | None:
+    """--pulsar: a Pulsar service URL, checked before anything starts."""
+    if value is None:
+        return value
+    scheme, sep, rest = value.partition("://")
+    if scheme not in ("pulsar", "pulsar+ssl", "http", "https") or not sep or not rest.strip("/"):
+        raise click.BadParameter(
+            f"{value!r} is not a Pulsar service URL (pulsar://HOST:6650 or pulsar+ssl://HOST:6651)"
+        )
+    return value
+
+
+def _check_output(path: str | None, option: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Fail before the engine starts on an output file that could not be written: a wrong
+    suffix, a missing directory, or a directory we cannot create files in."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise click.BadParameter(
+            f"must end in {' or '.join(suffixes)}, or be '-'", param_hint=f"'{option}'"
+        )
+    _check_dir(p.parent, option, create=False)
+
+
+def _check_dir(directory: str | Path | None, option: str, create: bool = True) -> None:
+    """``directory`` exists (or is created) and accepts new files; else a usage error."""
+    if directory is None:
+        return
+    d = Path(directory)
+    try:
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        elif not d.is_dir():
+            raise click.BadParameter(f"directory {d} does not exist", param_hint=f"'{option}'")
+        with tempfile.TemporaryFile(dir=d, prefix=".vecswim-probe-"):
+            pass
+    except OSError as e:
+        raise click.BadParameter(
+            f"cannot write in {d} ({e.strerror or e})", param_hint=f"'{option}'"
+        ) from None
+
+
+class _PipeClosed(click.ClickException):
+    """The reader of stdout went away; the run ends quietly (see ``main``)."""
+
+    exit_code = 141
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context):
+        # click would turn a broken pipe into exit status 1; keep it apart for main()
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            if _broken_pipe(e):
+                raise _PipeClosed("stdout closed") from None
+            raise
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vecswim")
 def cli() -> None:
     """vecswim: stateful streaming agents as columnar rows, updated by numba kernels in ticks."""
@@ -160,6 +223,7 @@ def list_scenarios() -> None:
     "service_url",
     default=None,
     metavar="URL",
+    callback=_pulsar_url,
     help="Consume events from Pulsar at URL instead of the built-in generator.",
 )
 @click.option("--topic", "topics", multiple=True, help="Input topic (repeatable).")
@@ -316,6 +380,8 @@ def run(
     and a summary at the end.
     """
     mod = _scenarios.get(scenario)
+    _check_output(emit_path, "--emit", (".parquet", ".ndjson", ".jsonl"))
+    _check_dir(checkpoint_dir, "--checkpoint-dir")
     if service_url is None:
         for name in ("topics", "topic_pattern", "out_topic", "dlq_topic", "idle_exit"):
             if locals()[name]:
@@ -504,7 +570,14 @@ class _IdleExit:
 
 @cli.command("produce")
 @click.argument("scenario", type=click.Choice(sorted(_scenarios.SCENARIOS)), metavar="SCENARIO")
-@click.option("--pulsar", "service_url", required=True, metavar="URL", help="Pulsar service URL.")
+@click.option(
+    "--pulsar",
+    "service_url",
+    required=True,
+    metavar="URL",
+    callback=_pulsar_url,
+    help="Pulsar service URL.",
+)
 @click.option("--topic", required=True, help="Topic to publish to.")
 @click.option(
     "--rate",
@@ -629,6 +702,7 @@ def sql_command(
         raise click.UsageError("give a QUERY or --tables")
     if fmt == "parquet" and output is None:
         raise click.UsageError("--format parquet needs --output FILE")
+    _check_output(output, "--output")
     if checkpoint_dir is not None:
         from vecswim import checkpoint
         from vecswim.sql import SQLError, execute, tables_for
@@ -712,8 +786,21 @@ def pulsar_fetch() -> None:
     from vecswim import broker
 
     t0 = time.perf_counter()
-    lib = broker.fetch(quiet=False)
+    try:
+        lib = broker.fetch(quiet=False, progress=_progress())
+    except broker.BrokerError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(f"pulsar {broker.PULSAR_VERSION} jars in {lib} ({time.perf_counter() - t0:.1f}s)")
+
+
+def _progress():
+    """A progress line on stderr: rewritten in place on a terminal, one line each otherwise."""
+    tty = sys.stderr.isatty()
+
+    def show(line: str) -> None:
+        click.echo(f"\r{line}\x1b[K" if tty else line, err=True, nl=not tty)
+
+    return show
 
 
 @pulsar_group.command("standalone")
@@ -736,7 +823,7 @@ def pulsar_standalone(
 
     t0 = time.perf_counter()
     try:
-        b = broker.start(data_dir, port, http_port, bookie_port, heap)
+        b = broker.start(data_dir, port, http_port, bookie_port, heap, progress=_progress())
     except broker.BrokerError as e:
         raise click.ClickException(str(e)) from None
     click.echo(b.service_url)
@@ -760,6 +847,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: runs the CLI, turning usage errors into one line and exit 2."""
     try:
         cli.main(args=argv, prog_name="vecswim", standalone_mode=False)
+    except _PipeClosed:
+        return _stdout_closed()
     except click.exceptions.UsageError as e:
         click.echo(f"vecswim: error: {' '.join(e.format_message().split())}", err=True)
         return 2
@@ -773,7 +862,47 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except click.exceptions.Exit as e:
         return e.exit_code
+    except OSError as e:
+        if _broken_pipe(e):
+            return _stdout_closed()
+        return _fail(e)
+    except Exception as e:
+        return _fail(e)
     return 0
+
+
+def _broken_pipe(e: BaseException) -> bool:
+    """The reader of our stdout went away (``vecswim run --emit - | head``)."""
+    return isinstance(e, BrokenPipeError) or (
+        isinstance(e, OSError) and "Broken pipe" in str(e)  # polars' writer says it so
+    )
+
+
+def _stdout_closed() -> int:
+    """End quietly like ``yes | head``: exit status 141 (SIGPIPE), no traceback, and stdout
+    pointed at /dev/null so the interpreter's last flush has nowhere to fail."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 141
+
+
+def _fail(e: Exception) -> int:
+    """Any other error: one line, exit 1 (VECSWIM_DEBUG=1 shows the traceback)."""
+    if os.environ.get("VECSWIM_DEBUG"):
+        raise e
+    if type(e).__module__.split(".")[0] in ("_pulsar", "pulsar"):
+        msg = (
+            f"Pulsar: {str(e).removeprefix('Pulsar error: ')} (is a broker running at the "
+            "--pulsar URL? 'vecswim pulsar standalone' starts one)"
+        )
+    elif isinstance(e, OSError) and e.strerror:
+        msg = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        msg = str(e) or type(e).__name__
+    click.echo(f"vecswim: error: {' '.join(msg.split())}", err=True)
+    return 1
 
 
 if __name__ == "__main__":

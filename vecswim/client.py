@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -28,26 +29,52 @@ class QueryResult:
     truncated: bool
 
 
-def _request(url: str, token: str | None, data: bytes | None = None, accept: str = "") -> tuple:
-    req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+def _request(
+    url: str, token: str | None, data: bytes | None = None, accept: str = "", busy_retries: int = 5
+) -> tuple:
+    """One request; an engine that answers 503 (too many queries) is asked again after its
+    Retry-After, up to ``busy_retries`` times."""
+    base = url.rsplit("/", 1)[0]
+    try:
+        req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    except ValueError as e:  # not a URL at all
+        raise ClientError(f"bad --url {base!r} ({e}); e.g. http://127.0.0.1:7654") from None
     if data is not None:
         req.add_header("Content-Type", "text/plain; charset=utf-8")
     if accept:
         req.add_header("Accept", accept)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.read(), dict(r.headers)
-    except urllib.error.HTTPError as e:
+    for attempt in range(busy_retries + 1):
         try:
-            msg = json.loads(e.read())["error"]
-        except (ValueError, KeyError):
-            msg = f"HTTP {e.code}"
-        raise ClientError(msg) from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise ClientError(f"cannot reach {url}: {reason}") from None
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.read(), dict(r.headers)
+        except urllib.error.HTTPError as e:
+            if e.code == 503 and attempt < busy_retries:
+                time.sleep(_retry_after(e.headers.get("Retry-After")))
+                continue
+            try:
+                msg = json.loads(e.read())["error"]
+            except (ValueError, KeyError, TypeError):
+                msg = f"HTTP {e.code} from {url}"
+            raise ClientError(msg) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            if isinstance(reason, ConnectionRefusedError):
+                raise ClientError(
+                    f"no engine is listening at {base}: start one with 'vecswim run SCENARIO' "
+                    "(it serves SQL on 127.0.0.1:7654; see --sql-port), give its --url, "
+                    "or query a checkpoint offline with 'vecswim sql --checkpoint DIR'"
+                ) from None
+            raise ClientError(f"cannot reach {url}: {reason}") from None
+    raise AssertionError("unreachable")
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(max(float(value or 1), 0.05), 10.0)
+    except ValueError:
+        return 1.0
 
 
 def query(url: str, sql: str, token: str | None = None) -> QueryResult:

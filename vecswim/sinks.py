@@ -10,6 +10,8 @@ stops the run: sink errors are surfaced, never swallowed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -99,11 +101,15 @@ class ParquetSink:
 
 class NDJSONSink:
     """Writes emissions as newline-delimited JSON, one object per changed row with an
-    ``agent_type`` field; ``path="-"`` writes to stdout. Encoded in bulk by polars."""
+    ``agent_type`` field; ``path="-"`` writes to stdout. Encoded in bulk by polars.
+
+    When the reader of a pipe goes away (``... --emit - | head``) ``write``/``flush`` raise
+    ``BrokenPipeError`` (which stops the run) and ``close`` no longer touches the pipe."""
 
     def __init__(self, path: str | Path = "-") -> None:
         self.path = path
         self._fh: IO[bytes] | None = None
+        self._broken = False
 
     def _file(self) -> IO[bytes]:
         if self._fh is None:
@@ -112,18 +118,37 @@ class NDJSONSink:
 
     def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
         df = pl.from_arrow(batch).with_columns(pl.lit(agent_type).alias("agent_type"))
-        df.write_ndjson(self._file())
+        with self._pipe():
+            df.write_ndjson(self._file())
 
     def flush(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
+            with self._pipe():
+                self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.flush()
+            with contextlib.suppress(BrokenPipeError):
+                if not self._broken:
+                    self.flush()
             if self._fh is not sys.stdout.buffer:
                 self._fh.close()
             self._fh = None
+
+    @contextlib.contextmanager
+    def _pipe(self):
+        """A closed pipe as ``BrokenPipeError`` (polars reports it as a plain OSError)."""
+        if self._broken:
+            raise BrokenPipeError(errno.EPIPE, f"{self.path}: the reader closed the pipe")
+        try:
+            yield
+        except OSError as e:
+            if isinstance(e, BrokenPipeError) or "Broken pipe" in str(e):
+                self._broken = True
+                raise BrokenPipeError(
+                    errno.EPIPE, f"{self.path}: the reader closed the pipe"
+                ) from e
+            raise
 
 
 class RecentEmissions:
