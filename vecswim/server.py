@@ -36,6 +36,8 @@ import hmac
 import io
 import json
 import math
+import os
+import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -108,6 +110,7 @@ class SQLServer:
             asyncio.run_coroutine_threadsafe(self._start(bind, port, backlog), self._loop).result()
         except BaseException:
             self._stop_loop()
+            self._pool.shutdown(wait=False)
             raise
         host = f"[{bind}]" if ":" in bind else bind
         self.url = f"http://{host}:{self.port}"
@@ -136,6 +139,11 @@ class SQLServer:
 
         try:
             self._server = await loop.create_server(protocol, bind, port, backlog=backlog)
+        except OSError as e:
+            await self._runner.cleanup()
+            if e.errno is None or isinstance(e, socket.gaierror):
+                raise
+            raise OSError(e.errno, os.strerror(e.errno)) from None  # asyncio's is long-winded
         except BaseException:
             await self._runner.cleanup()
             raise
