@@ -85,7 +85,11 @@ def columns(draw, n_fields: int) -> tuple[list[vs.Column], dict[str, str]]:
                 rule = vs.count()
             else:
                 rule = getattr(vs, rk)(inp)
-        if initial is None and draw(st.integers(0, 5)) == 0:
+        if (
+            initial is None
+            and (rule is None or rule.kind != "hysteresis")
+            and draw(st.integers(0, 5)) == 0
+        ):
             initial = draw(_initial(dtype))
         emit = draw(
             st.sampled_from([False, True, 0, 0.0, 0.5, 1, 2.5, 100.0])
@@ -122,7 +126,10 @@ def schemas(draw) -> tuple[list[vs.AgentType], list[vs.Link]] | RefusedType:
     n_types = draw(st.integers(1, 4))
     types = []
     for i in range(n_types):
-        cols, fields = draw(columns(n_fields=3))
+        try:
+            cols, fields = draw(columns(n_fields=3))
+        except ValueError as e:
+            return RefusedType(str(e))
         # plain columns that links may aggregate into or broadcast into
         for j in range(draw(st.integers(0, 3))):
             dtype = draw(st.sampled_from(DTYPES))

@@ -59,8 +59,12 @@ def run_differential(types, links, seq, compaction_min_deltas: int = 1024) -> No
             got = sorted(canon_rows(emitted.pop(name, [])), key=lambda row: repr(row[at.key]))
             want = sorted(canon_rows(r.emitted.get(name, [])), key=lambda row: repr(row[at.key]))
             assert got == want, f"{where}: emissions of {name}"
-            assert canon_rows(dead.pop(name, [])) == canon_rows(r.dead.get(name, [])), (
-                f"{where}: dead letters of {name}"
+            got_dead = canon_rows(dead.pop(name, []))
+            want_dead = canon_rows(r.dead.get(name, []))
+            assert got_dead == want_dead, (
+                f"{where}: dead letters of {name}: "
+                f"{[d for d in got_dead if d not in want_dead]} != "
+                f"{[d for d in want_dead if d not in got_dead]}"
             )
             state = canon_rows(eng.state(name).to_pylist())
             want_state = canon_rows([{at.key: k, **v} for k, v in ref.state(name).items()])
