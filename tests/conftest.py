@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, settings
 settings.register_profile(
     "vecswim", deadline=None, suppress_health_check=[HealthCheck.too_slow], max_examples=40
 )
+# On demand: HYPOTHESIS_PROFILE=deep python -m pytest tests/test_differential.py
+settings.register_profile("deep", parent=settings.get_profile("vecswim"), max_examples=20_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "vecswim"))
 
 

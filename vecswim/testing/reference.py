@@ -353,14 +353,12 @@ def decode_value(v: object, dtype: np.dtype | str) -> tuple[object, str | None]:
         return x, None
     if dtype.kind == "b":
         return (v == 1, None) if v in (0, 1) else (None, "range")
-    if (
-        not np.iinfo(dtype).min <= v <= np.iinfo(dtype).max
-    ):  # a float is compared exactly (Python compares int/float exactly)
-        return None, "range"
     if isinstance(v, float):
         if v != math.floor(v):
             return None, "integer"
         v = int(v)
+    if not np.iinfo(dtype).min <= v <= np.iinfo(dtype).max:
+        return None, "range"
     return v, None
 
 
