@@ -155,6 +155,26 @@ def write(cap: Capture, directory: str | Path, keep: int = 3) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _write_files(cap, tmp)
+    except BaseException:
+        # a full or failing disk: free what was written; older checkpoints stay valid
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("ckpt-*.tmp"):
+        if stale != tmp:
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def _write_files(cap: Capture, tmp: Path) -> None:
+    """The checkpoint's files and manifest into ``tmp``, each fsynced, then ``tmp`` itself."""
     manifest = dict(cap.manifest)
     files = {}
     for name, table in cap.tables.items():
@@ -176,16 +196,12 @@ def write(cap: Capture, directory: str | Path, keep: int = 3) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob("ckpt-*.tmp"):
-        if stale != tmp:
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
+
+
+def newest_name(directory: str | Path) -> str | None:
+    """The folder name of the newest complete-looking checkpoint (not verified)."""
+    found = list_checkpoints(directory)
+    return found[-1].name if found else None
 
 
 def list_checkpoints(directory: str | Path) -> list[Path]:
@@ -300,6 +316,14 @@ class Checkpointer:
     positions and a commit token, and writes in a background thread; on a later tick (or at
     ``close``) it commits the token of the last durable checkpoint. ``pauses`` records the
     capture time per checkpoint (the only part that stalls ticks), ``bytes`` their sizes.
+
+    A write that fails with an OS error (disk full, file too large, read-only or vanished
+    directory, I/O error) does not stop the engine: its partial files are removed, the last
+    good checkpoint stays the one a restart loads, nothing more is acknowledged, and the next
+    due checkpoint tries again. The failure is logged once per run of failures, and the
+    recovery once (``failures`` counts them all). At ``close`` a failed final checkpoint
+    raises :class:`CheckpointError` (nothing after the last good checkpoint is acknowledged,
+    so a restart replays it).
     """
 
     def __init__(
@@ -330,6 +354,11 @@ class Checkpointer:
         self._done: tuple | None = None
         self._error: BaseException | None = None
         self._buffers: dict = {}
+        self.failures = 0  # failed writes, in all
+        self._failing = 0  # failed writes since the last good one
+        self._failing_since = 0.0
+        self.durable_tick: int | None = None  # tick of the newest durable checkpoint
+        self.durable_time: float | None = None
         # Touch the copy buffers now, in the background, so no capture pays page faults.
         self._thread = threading.Thread(
             target=prefault, args=(engine, self._buffers), name="vecswim-prefault", daemon=True
@@ -383,19 +412,58 @@ class Checkpointer:
         self._thread = None
         if self._error is not None:
             err, self._error = self._error, None
-            raise CheckpointError(f"checkpoint write failed: {err}") from err
+            if not isinstance(err, OSError):
+                raise CheckpointError(f"checkpoint write failed: {err}") from err
+            self.failures += 1
+            self._failing += 1
+            if self._failing == 1:
+                self._failing_since = time.monotonic()
+                good = newest_name(self.directory)
+                self.log(
+                    f"vecswim: checkpoint write to {self.directory} failed ({err}); ticks go "
+                    "on without acknowledging, the last good checkpoint "
+                    f"({good or 'none'}) stays valid; retrying at every checkpoint"
+                )
+            return
         if self._done is not None:
-            _, token = self._done
+            path, token = self._done
             self._done = None
+            self.durable_tick = int(path.name.removeprefix("ckpt-"))
+            self.durable_time = time.time()
+            if self._failing:
+                self.log(
+                    f"vecswim: checkpoint {path.name} written after {self._failing} failed "
+                    f"attempt{'s' if self._failing > 1 else ''} over "
+                    f"{time.monotonic() - self._failing_since:.0f} s; acknowledging resumes"
+                )
+                self._failing = 0
             commit = getattr(self.source, "commit", None)
             if commit is not None:
                 commit(token)
 
+    def gauges(self) -> dict[str, int]:
+        """For the ``metrics`` table: the newest durable checkpoint's tick and age, and
+        failed writes."""
+        age = -1 if self.durable_time is None else int((time.time() - self.durable_time) * 1000)
+        return {
+            "checkpoint_tick": -1 if self.durable_tick is None else self.durable_tick,
+            "checkpoint_age_ms": age,
+            "checkpoint_failures": self.failures,
+        }
+
     def close(self) -> None:
-        """Finish any write, take a final checkpoint, and commit it (clean shutdown)."""
+        """Finish any write, take a final checkpoint, and commit it (clean shutdown). Raises
+        :class:`CheckpointError` if the final checkpoint cannot be written."""
         self._collect(wait=True)
+        failures = self.failures
         self._start()
         self._collect(wait=True)
+        if self.failures > failures:
+            raise CheckpointError(
+                f"the final checkpoint could not be written to {self.directory}; a restart "
+                f"resumes from {newest_name(self.directory) or 'an empty state'} and replays "
+                "what was not acknowledged"
+            )
 
 
 class CheckpointView:

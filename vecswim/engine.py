@@ -167,6 +167,8 @@ class Engine:
         self.recent: deque[TickStats] = deque(maxlen=recent_ticks)
         self.emission_log = RecentEmissions()
         self.after_tick: list[Callable[[TickStats], None]] = []
+        # source/checkpoint gauges shown in ``metrics`` (set by ``run``)
+        self.gauges: dict[str, int] = {}
         self._scanned = 0
         self._pending_links: list[tuple[str, object, object]] = []
         self._steps = {n: self._compile_rules(at) for n, at in self.types.items()}
@@ -391,22 +393,32 @@ class Engine:
         max_ticks: int | None = None,
         on_tick: Callable[[TickStats], None] | None = None,
         checkpointer=None,
+        stop=None,
     ) -> None:
-        """Poll ``source`` and tick until it is exhausted, ``seconds`` pass or ``max_ticks``
-        ticks ran. A tick closes at ``max_events`` events or after ``tick_ms`` ms. After each
-        tick the sinks are flushed and then the source commits (acknowledges) what the tick
-        consumed; with a ``checkpointer`` (``vecswim.checkpoint.Checkpointer``) the source is
-        acknowledged only when a checkpoint covering it is durable, and a final checkpoint is
-        taken at the end. Sinks are closed at the end."""
+        """Poll ``source`` and tick until it is exhausted, ``seconds`` pass, ``max_ticks``
+        ticks ran or ``stop`` (e.g. a ``threading.Event`` set by a SIGTERM handler) is set. A
+        tick closes at ``max_events`` events or after ``tick_ms`` ms. After each tick the sinks
+        are flushed and then the source commits (acknowledges) what the tick consumed; with a
+        ``checkpointer`` (``vecswim.checkpoint.Checkpointer``) the source is acknowledged only
+        when a checkpoint covering it is durable, and a final checkpoint is taken at the end
+        (also after ``stop``). Sinks are closed at the end. The ``gauges()`` of the source and
+        the checkpointer, where they have them, are kept in ``self.gauges`` (``metrics``)."""
         deadline = None if seconds is None else time.monotonic() + seconds
         ticks = 0
+        gauges = [
+            g for g in (getattr(source, "gauges", None), getattr(checkpointer, "gauges", None)) if g
+        ]
         try:
-            while (deadline is None or time.monotonic() < deadline) and (
-                max_ticks is None or ticks < max_ticks
+            while (
+                (deadline is None or time.monotonic() < deadline)
+                and (max_ticks is None or ticks < max_ticks)
+                and not (stop is not None and stop.is_set())
             ):
                 events = source.poll(max_events, tick_ms / 1000.0)
                 if events is None:
                     break
+                for g in gauges:
+                    self.gauges.update(g())
                 stats = self.tick(events)
                 for s in self.sinks:
                     s.flush()
@@ -449,8 +461,11 @@ class Engine:
         return table
 
     def metrics(self) -> dict[str, int]:
-        """Counters: ticks, events, dead letters, emitted rows, agents, bytes, current tick."""
-        return dict(self.totals, agents=self.agents, bytes=self.nbytes, tick=self.tick_id)
+        """Counters: ticks, events, dead letters, emitted rows, agents, bytes, current tick,
+        and the gauges ``run`` keeps (source lag, unacknowledged messages, checkpoints)."""
+        return dict(
+            self.totals, **self.gauges, agents=self.agents, bytes=self.nbytes, tick=self.tick_id
+        )
 
     def state(self, agent_type: str) -> pa.Table:
         """A copy of one state table (key + state columns) as Arrow."""

@@ -22,11 +22,13 @@ ready for the next tick, so a slow engine stops pulling instead of buffering wit
 
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -45,6 +47,17 @@ SUBSCRIPTION_TYPES = {
 }
 POSITIONS = {"earliest": pulsar.InitialPosition.Earliest, "latest": pulsar.InitialPosition.Latest}
 FORMATS = ("json", "arrow")
+# Errors that mean "the broker cannot be reached (yet)": retried, never fatal.
+_UNREACHABLE = (
+    pulsar.Timeout,
+    pulsar.ConnectError,
+    pulsar.NotConnected,
+    pulsar.ServiceUnitNotReady,
+    pulsar.LookupError,
+    pulsar.TooManyLookupRequestException,
+    pulsar.BrokerMetadataError,
+    pulsar.BrokerPersistenceError,
+)
 
 
 @dataclass
@@ -61,11 +74,15 @@ class ClientOptions:
     extra: dict = field(default_factory=dict)
 
 
-def client(service_url: str, options: ClientOptions | None = None) -> pulsar.Client:
-    """A quiet ``pulsar.Client`` (client logs at error level only)."""
+def client(
+    service_url: str, options: ClientOptions | None = None, operation_timeout: int = 30
+) -> pulsar.Client:
+    """A quiet ``pulsar.Client`` (client logs at error level only). ``operation_timeout``:
+    seconds a lookup, subscribe or producer creation waits for the broker before failing."""
     o = options or ClientOptions()
     return pulsar.Client(
         service_url,
+        operation_timeout_seconds=operation_timeout,
         authentication=o.authentication,
         tls_trust_certs_file_path=o.tls_trust_certs_file_path,
         tls_allow_insecure_connection=o.tls_allow_insecure_connection,
@@ -91,6 +108,17 @@ class PulsarSource:
     ``resume``: the ``positions()`` stored in the checkpoint being resumed from: redelivered
     messages it already covers are acknowledged but not applied again, and the counters
     continue from it (exactly-once effect on state).
+    ``receiver_queue_size``: messages the client prefetches (default 20,000 for JSON, 1,000
+    for Arrow), the bound on what is buffered ahead of the engine.
+
+    Faults (docs/FAULTS.md): an unreachable broker at start is retried every
+    ``connect_timeout`` seconds (forever unless ``connect_retry_for`` is given), each attempt
+    reported through ``log``; while connected, the client reconnects by itself, an outage is
+    reported through ``log`` every ``report_every`` seconds, and acknowledgements wait for
+    the connection. On an exclusive or failover subscription messages arrive in order per
+    topic, so a message redelivered after a reconnect (polled, or acknowledged just before a
+    broker crash) is recognized by its position and acknowledged without being applied again
+    (``counts["redelivered"]``). ``gauges()``: lag, unacknowledged messages, connection.
     """
 
     def __init__(
@@ -106,12 +134,16 @@ class PulsarSource:
         fmt: str = "json",
         key_from: str = "payload",
         dlq_topic: str | None = None,
-        receiver_queue_size: int = 20_000,
+        receiver_queue_size: int | None = None,
         batch_max_messages: int | None = None,
         batch_timeout_ms: int = 5,
         max_payload_bytes: int = 1 << 20,
         options: ClientOptions | None = None,
         resume: dict | None = None,
+        log: Callable[[str], None] | None = None,
+        connect_timeout: int = 10,
+        connect_retry_for: float | None = None,
+        report_every: float = 10.0,
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
@@ -127,40 +159,80 @@ class PulsarSource:
         self.plan = decode.plan_for(agent_type, fields, self.key_from_message)
         self.max_payload_bytes = max_payload_bytes
         self.sub_type = subscription_type.lower()
-        self.client = client(service_url, options)
+        self.service_url = service_url
+        self.log = log or (lambda _m: None)
+        self.report_every = report_every
         topic = re.compile(topic_pattern) if topic_pattern else topics
         self.single_topic = isinstance(topics, str)
-        self.consumer = self.client.subscribe(
-            topic,
-            subscription,
+        # one consumer per topic in order: positions identify redeliveries
+        self.ordered = self.sub_type in ("exclusive", "failover")
+        self.cumulative = self.single_topic and self.ordered
+        subscribe = dict(
             consumer_type=SUBSCRIPTION_TYPES[self.sub_type],
             initial_position=POSITIONS[initial_position],
-            receiver_queue_size=receiver_queue_size,
+            receiver_queue_size=receiver_queue_size or (20_000 if fmt == "json" else 1_000),
             batch_receive_policy=pulsar.ConsumerBatchReceivePolicy(
                 batch_max_messages or (10_000 if fmt == "json" else 100),
                 64 << 20,
                 batch_timeout_ms,
             ),
         )
-        self.dlq = (
-            self.client.create_producer(
-                dlq_topic,
-                batching_enabled=True,
-                batching_max_publish_delay_ms=5,
-                block_if_queue_full=True,
-            )
-            if dlq_topic
-            else None
-        )
+        t0 = time.monotonic()
+        retried = False
+        while True:
+            self.client = client(service_url, options, connect_timeout)
+            try:
+                self.consumer = self.client.subscribe(topic, subscription, **subscribe)
+                # a dead letter waits for the broker instead of failing after a timeout
+                self.dlq = (
+                    self.client.create_producer(
+                        dlq_topic,
+                        batching_enabled=True,
+                        batching_max_publish_delay_ms=5,
+                        block_if_queue_full=True,
+                        send_timeout_millis=0,
+                    )
+                    if dlq_topic
+                    else None
+                )
+                break
+            except _UNREACHABLE as e:
+                self.client.close()
+                waited = time.monotonic() - t0
+                if connect_retry_for is not None and waited >= connect_retry_for:
+                    raise
+                self.log(
+                    f"vecswim: pulsar unreachable at {service_url}, retrying ({waited:.0f} s): "
+                    f"{_first_line(e)}"
+                )
+                retried = True
+                time.sleep(min(1.0, connect_timeout))
+        if retried:
+            self.log(f"vecswim: pulsar reachable at {service_url}, subscribed")
         self._dlq_errors: list[str] = []
-        self._pending: list = []
-        self.counts = {"messages": 0, "events": 0, "dead_messages": 0, "dead_rows": 0}
+        # acknowledgement bookkeeping: what each poll received, as message ids (the payloads
+        # are not kept): (messages received up to and including this poll, ids to ack)
+        self._polled = 0
+        self._acked = 0
+        self._unacked: deque[tuple[int, list]] = deque()
+        self.counts = {
+            "messages": 0,
+            "events": 0,
+            "dead_messages": 0,
+            "dead_rows": 0,
+            "redelivered": 0,
+        }
         self._last: dict[str, tuple] = {}
         self._covered: dict[str, tuple] = {}
         if resume:
             self.counts.update(resume.get("counts", {}))
             self._covered = {t: tuple(v) for t, v in resume.get("last", {}).items()}
             self._last = dict(self._covered)
+        self.connected = True
+        self._down_since: float | None = None
+        self._reported = 0.0
+        self._checked = 0.0
+        self._lag_ms = 0
 
     # -- polling ------------------------------------------------------------------------------
     def poll(self, max_events: int, timeout: float) -> dict[str, pa.Table]:
@@ -173,15 +245,20 @@ class PulsarSource:
                 break
             if self.fmt == "arrow" and msgs:
                 break  # each message holds many events: one receive is a tick's worth
+        self._watch_connection(bool(msgs))
         if not msgs:
             return {}
-        self._pending += msgs
+        self._received(msgs)
         ids = [_position(m) for m in msgs]
-        if self._covered:
-            # redelivered messages the resumed checkpoint already applied: ack, don't apply
-            fresh = [i for i, (t, p) in enumerate(ids) if p > self._covered.get(t, (-1,))]
-            msgs = [msgs[i] for i in fresh]
-            ids = [ids[i] for i in fresh]
+        # Redelivered messages already applied (before a broker reconnect, or covered by the
+        # resumed checkpoint): acknowledged with the rest, not applied again.
+        seen = self._last if self.ordered else self._covered
+        if seen:
+            fresh = [i for i, (t, p) in enumerate(ids) if p > seen.get(t, (-1,))]
+            if len(fresh) < len(msgs):
+                self.counts["redelivered"] += len(msgs) - len(fresh)
+                msgs = [msgs[i] for i in fresh]
+                ids = [ids[i] for i in fresh]
             if not msgs:
                 return {}
         for t, p in ids:
@@ -227,42 +304,104 @@ class PulsarSource:
         if res != pulsar.Result.Ok:
             self._dlq_errors.append(str(res))
 
+    def _received(self, msgs: list) -> None:
+        """Note what to acknowledge for ``msgs`` (ids only: the payloads are not kept, so
+        messages waiting for a checkpoint cost a few bytes each) and the lag."""
+        self._polled += len(msgs)
+        ids = [msgs[-1].message_id()] if self.cumulative else [m.message_id() for m in msgs]
+        self._unacked.append((self._polled, ids))
+        self._lag_ms = max(0, int(time.time() * 1000) - msgs[-1].publish_timestamp())
+
+    def _watch_connection(self, got: bool) -> None:
+        """Track the consumer's connection (checked at most once a second) and report an
+        outage every ``report_every`` seconds, and its end."""
+        now = time.monotonic()
+        if got and self._down_since is None:
+            return
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        self.connected = self.consumer.is_connected()
+        if not self.connected:
+            if self._down_since is None:
+                self._down_since = self._reported = now
+                self.log(f"vecswim: pulsar unreachable at {self.service_url}, retrying")
+            elif now - self._reported >= self.report_every:
+                self._reported = now
+                self.log(
+                    f"vecswim: pulsar unreachable at {self.service_url}, retrying "
+                    f"({now - self._down_since:.0f} s)"
+                )
+        elif self._down_since is not None:
+            self.log(
+                f"vecswim: pulsar at {self.service_url} reachable again after "
+                f"{now - self._down_since:.0f} s"
+            )
+            self._down_since = None
+        if not got:
+            self._lag_ms = 0 if self.connected else self._lag_ms
+
+    def gauges(self) -> dict[str, int]:
+        """For the ``metrics`` table: ``source_lag_ms`` (age of the newest message polled,
+        by publish time: how far behind the engine is), ``source_unacked`` (messages polled
+        but not yet acknowledged), ``source_connected`` (0/1), ``source_redelivered``."""
+        return {
+            "source_lag_ms": self._lag_ms,
+            "source_unacked": self._polled - self._acked,
+            "source_connected": int(self.connected),
+            "source_redelivered": self.counts["redelivered"],
+        }
+
     # -- commit -------------------------------------------------------------------------------
     def mark(self) -> int:
         """A commit token covering everything polled so far (for checkpoints)."""
-        return len(self._pending)
+        return self._polled
 
     def positions(self) -> dict:
         """What a checkpoint taken now covers: the last applied message per topic, counters."""
         return {"last": {t: list(p) for t, p in self._last.items()}, "counts": dict(self.counts)}
 
-    def commit(self, token: int | None = None) -> None:
-        """Acknowledge the messages polled before ``token`` (default: all polled so far):
-        their effect is durable (tick complete, or covered by a durable checkpoint) and
-        their dead letters are published. Raises if a dead letter could not be published
-        (nothing is acknowledged then)."""
+    def commit(self, token: int | None = None) -> bool:
+        """Acknowledge the messages polled before ``token`` (a ``mark()``; default: all
+        polled so far): their effect is durable (tick complete, or covered by a durable
+        checkpoint) and their dead letters are published. Raises if a dead letter could not
+        be published (nothing is acknowledged then). While the broker is unreachable nothing
+        is acknowledged and False is returned: a later commit covers these messages too."""
+        upto = self._polled if token is None else token
+        if upto <= self._acked:
+            return True
+        if not self.consumer.is_connected() or (
+            self.dlq is not None and not self.dlq.is_connected()
+        ):
+            return False
         if self.dlq is not None:
             self.dlq.flush()
         if self._dlq_errors:
             err, self._dlq_errors = self._dlq_errors, []
             raise RuntimeError(f"dead-letter publish failed: {err[0]}")
-        upto = len(self._pending) if token is None else token
-        if upto == 0:
-            return
-        done = self._pending[:upto]
-        if self.single_topic and self.sub_type in ("exclusive", "failover"):
-            self.consumer.acknowledge_cumulative(done[-1])
-        else:
-            for m in done:
-                self.consumer.acknowledge(m)
-        del self._pending[:upto]
+        last = None
+        while self._unacked and self._unacked[0][0] <= upto:
+            _, ids = self._unacked.popleft()
+            if self.cumulative:
+                last = ids[-1]
+            else:
+                for mid in ids:
+                    self.consumer.acknowledge(mid)
+        if last is not None:
+            self.consumer.acknowledge_cumulative(last)
+        self._acked = upto
+        return True
 
     def close(self) -> None:
-        """Close consumer and client without acknowledging anything not committed."""
-        if self.dlq is not None:
-            self.dlq.flush()
-            self.dlq.close()
-        self.consumer.close()
+        """Close consumer and client without acknowledging anything not committed. With the
+        broker unreachable it does not wait for it (unacknowledged messages are redelivered
+        to the next run, and their dead letters published again)."""
+        with contextlib.suppress(pulsar.PulsarException):
+            if self.dlq is not None:
+                if self.dlq.is_connected():
+                    self.dlq.flush()
+                self.dlq.close()
+            self.consumer.close()
         self.client.close()
 
 
