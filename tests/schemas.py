@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pyarrow as pa
 from hypothesis import strategies as st
+from numba import njit
 
 import vecswim as vs
 from vecswim.schema import castable
@@ -40,6 +41,13 @@ RULES = {
 SAME = ("latest", "sum", "min", "max")
 INT_KEYS = [0, 1, 2, 7, -3, 2**53 + 1, 2**62 + 5, -(2**63), 2**63 - 1]
 STR_KEYS = ["a", "b", "c", "dé", "", "x" * 20]
+
+
+@njit(cache=True)
+def accumulate(rows, x, out):
+    """A custom event kernel: out[agent] += x (float64) for every event."""
+    for i in range(len(rows)):
+        out[rows[i]] += np.float64(x[i])
 
 
 def _reader(dtype: str, kind: str) -> str:
@@ -136,9 +144,24 @@ def schemas(draw) -> tuple[list[vs.AgentType], list[vs.Link]] | RefusedType:
             emit = draw(st.sampled_from([False, True, 0.0, 0.5, 3]))
             cols.append(vs.Column(f"p{j}", dtype, emit=emit))
         key_dtype = draw(st.sampled_from(["int64", "string"]))
+        kernels = []
+        outs = [c for c in cols if c.rule is None and c.dtype in ("float32", "float64")]
+        if outs and draw(st.integers(0, 3)) == 0:
+            traced = [c for c in cols if c.rule is not None]
+            inp = (
+                vs.state(draw(st.sampled_from(traced)).name)
+                if traced and draw(st.booleans())
+                else "g0"
+            )
+            kernels.append(vs.custom(accumulate, [inp], [draw(st.sampled_from(outs)).name]))
         try:
             at = vs.AgentType(
-                f"t{i}", key=f"k{i}", columns=cols, key_dtype=key_dtype, fields=fields
+                f"t{i}",
+                key=f"k{i}",
+                columns=cols,
+                key_dtype=key_dtype,
+                fields=fields,
+                kernels=kernels,
             )
         except ValueError as e:
             return RefusedType(str(e))
@@ -152,7 +175,10 @@ def schemas(draw) -> tuple[list[vs.AgentType], list[vs.Link]] | RefusedType:
         free = lambda t, i: [  # noqa: E731
             c
             for c in t.columns
-            if c.rule is None and c.initial is None and (i, c.name) not in claimed
+            if c.rule is None
+            and c.initial is None
+            and (i, c.name) not in claimed
+            and all(c.name not in k.outputs for k in t.kernels)
         ]
         aggs = {}
         for pc in draw(
