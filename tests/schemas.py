@@ -306,7 +306,7 @@ def ticks(draw, engine: vs.Engine, n_ticks: int | None = None) -> list[tuple[dic
             events[name] = pa.table(cols)
         calls = []
         for link, ls in engine.links.items():
-            if ls.link.via is None and draw(st.integers(0, 2)) == 0:
+            if draw(st.integers(0, 2 if ls.link.via is None else 8)) == 0:
                 m = draw(st.integers(0, 4))
                 ck = [draw(st.sampled_from(_pool(ls.child.key_dtype))) for _ in range(m)]
                 pk = [draw(st.sampled_from(_pool(ls.parent.key_dtype)[:3])) for _ in range(m)]
