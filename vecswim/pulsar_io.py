@@ -196,9 +196,13 @@ class PulsarSource:
                     else None
                 )
                 break
-            except _UNREACHABLE as e:
+            except (*_UNREACHABLE, pulsar.TopicNotFound) as e:
                 self.client.close()
                 waited = time.monotonic() - t0
+                # a broker that just came up may not have its namespaces yet
+                starting = retried and isinstance(e, pulsar.TopicNotFound)
+                if not starting and not isinstance(e, _UNREACHABLE):
+                    raise
                 if connect_retry_for is not None and waited >= connect_retry_for:
                     raise
                 self.log(
