@@ -242,12 +242,20 @@ def list_scenarios() -> None:
     show_default=True,
 )
 @click.option(
+    "--file",
+    "files",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="Replay events of the scenario's event type from this Parquet, Arrow IPC or NDJSON "
+    "file instead of the generator (repeatable; the run ends when they are exhausted).",
+)
+@click.option(
     "--format",
     "fmt",
-    type=click.Choice(["json", "arrow"]),
-    default="json",
-    show_default=True,
-    help="Input payload format.",
+    type=click.Choice(["json", "arrow", "ndjson", "parquet"]),
+    default=None,
+    help="Input format. Pulsar payloads: json (default) or arrow. --file: parquet, arrow "
+    "(IPC file or stream) or ndjson (= json); default by file suffix.",
 )
 @click.option(
     "--key-from",
@@ -353,7 +361,8 @@ def run(
     subscription: str,
     subscription_type: str,
     initial_position: str,
-    fmt: str,
+    fmt: str | None,
+    files: tuple[str, ...],
     key_from: str,
     out_topic: str | None,
     out_format: str,
@@ -388,6 +397,7 @@ def run(
                 raise click.UsageError(f"--{name.replace('_', '-')} needs --pulsar")
     elif not topics and not topic_pattern:
         raise click.UsageError("--pulsar needs --topic or --topic-pattern")
+    seconds = _file_options(files, fmt, service_url, seconds)
     _scenarios.warm_up(mod)
     engine = mod.build_engine(agents)
     gen = mod.Generator(agents, seed=seed)
@@ -423,7 +433,10 @@ def run(
                 "must end in .parquet or .ndjson, or be '-'", param_hint="--emit"
             )
         engine.add_sink(sink)
-    if service_url is None:
+    if files:
+        source = _file_source(engine, mod.EVENT_TYPE, files, fmt, resumed)
+        what = f"events from {len(files)} file{'s' if len(files) > 1 else ''}"
+    elif service_url is None:
         source = GeneratorSource(gen.make, rate=rate, total=total_events)
         what = f"{'max' if rate == 0 else f'{rate:,.0f}'} events/s from the generator"
     else:
@@ -439,7 +452,7 @@ def run(
             subscription=subscription,
             subscription_type=subscription_type,
             initial_position=initial_position,
-            fmt=fmt,
+            fmt=fmt or "json",
             key_from=key_from,
             dlq_topic=dlq_topic,
             options=opts,
@@ -472,9 +485,8 @@ def run(
                 "choose --sql-port (0 = any free port) or --no-sql"
             ) from None
     status = _Status(engine, quiet)
-    click.echo(
-        f"vecswim: running {scenario} with {agents:,} agents, {what}, for {seconds:g}s", err=True
-    )
+    until = "until they end" if seconds is None else f"for {seconds:g}s"
+    click.echo(f"vecswim: running {scenario} with {agents:,} agents, {what}, {until}", err=True)
     if server is not None:
         click.echo(
             f"vecswim: SQL at {server.url}/sql (vecswim sql --url {server.url} ...)", err=True
@@ -532,6 +544,55 @@ def _client_options(auth_token: str | None, tls_trust_certs: str | None):
         authentication=pulsar.AuthenticationToken(auth_token) if auth_token else None,
         tls_trust_certs_file_path=tls_trust_certs,
     )
+
+
+def _file_options(
+    files: tuple[str, ...], fmt: str | None, service_url: str | None, seconds: float
+) -> float | None:
+    """Check --file/--format before anything starts. With files the run lasts until they are
+    exhausted (or --seconds, if given)."""
+    from click.core import ParameterSource
+
+    from vecswim.sources import file_format
+
+    ctx = click.get_current_context()
+    if not files:
+        if fmt in ("ndjson", "parquet"):
+            raise click.UsageError(f"--format {fmt} needs --file (Pulsar payloads: json, arrow)")
+        return seconds
+    if service_url is not None:
+        raise click.UsageError("--file and --pulsar exclude each other")
+    for name, option in (("rate", "--rate"), ("total_events", "--events")):
+        if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE:
+            raise click.UsageError(f"{option} applies to the generator, not to --file")
+    for f in files:
+        try:
+            file_format(f, fmt)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="'--file'") from None
+    if ctx.get_parameter_source("seconds") == ParameterSource.DEFAULT:
+        return None
+    return seconds
+
+
+def _file_source(engine, event_type: str, files: tuple[str, ...], fmt, resumed):
+    """A FileSource over ``files`` for ``event_type`` (reading only the columns the engine
+    needs where the format allows), resumed from a checkpoint's positions."""
+    from vecswim import decode
+    from vecswim.sources import FileSource
+
+    fields = engine.event_fields(event_type)
+    columns = decode.plan_for(engine.types[event_type], fields).fields
+    try:
+        return FileSource(
+            list(files),
+            event_type,
+            fmt=fmt,
+            columns=columns,
+            resume=(resumed or {}).get("positions"),
+        )
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from None
 
 
 class _IdleExit:
