@@ -68,84 +68,90 @@ def _utf8_len(data, i, end):
     return n
 
 
-@njit(cache=True, nogil=True)
-def scan_json_items(data, starts, ends, out, out_starts, status):
-    """For each item ``data[starts[i]:ends[i]]`` set ``status[i]`` (codes above) and copy the
-    OK items to ``out``, one per line (``\\n`` after each; raw CR/LF inside an item, which
-    valid JSON allows only as whitespace, become spaces). ``out_starts[j]`` is where good item
-    ``j`` begins. ``out`` needs ``sum(lengths) + n`` bytes. Returns (good items, bytes used).
+# byte classes for the scan (outside strings)
+_PLAIN, _SPACE, _NEWLINE, _QUOTE, _OBJ, _ARR, _CLOSE, _ESCAPE, _CTRL, _HIGH = range(10)
+_CLASS = np.zeros(256, np.uint8)
+_CLASS[:0x20] = _CTRL
+_CLASS[[0x20, 0x09]] = _SPACE
+_CLASS[[0x0A, 0x0D]] = _NEWLINE
+_CLASS[0x22] = _QUOTE
+_CLASS[0x7B] = _OBJ
+_CLASS[0x5B] = _ARR
+_CLASS[[0x7D, 0x5D]] = _CLOSE
+_CLASS[0x5C] = _ESCAPE
+_CLASS[0x80:] = _HIGH
 
-    Framing only: brackets are counted outside strings (any kind), strings and escapes are
-    tracked, UTF-8 is validated. The syntax inside the object is left to the JSON parser."""
-    n_good = 0
-    pos = 0
+
+@njit(cache=True, nogil=True)
+def scan_json_items(data, starts, ends, status, newlines):
+    """For each item ``data[starts[i]:ends[i]]`` set ``status[i]`` (codes above) and
+    ``newlines[i]`` (True if it holds a raw CR or LF, which valid JSON allows only as
+    whitespace outside strings). Framing only: brackets are counted outside strings (any
+    kind), strings and escapes are tracked, UTF-8 is validated; the syntax inside the object
+    is left to the JSON parser."""
+    cls = _CLASS
     for i in range(len(starts)):
-        s = starts[i]
         e = ends[i]
-        begin = pos
         st = OK
         depth = 0
-        in_str = False
-        esc = False
         done = False  # the first value is closed
-        seen = False  # a non-whitespace byte was seen
-        j = s
+        seen = False  # the first value has started
+        nl = False
+        j = starts[i]
         while j < e:
-            b = data[j]
-            if b >= 0x80:
+            c = cls[data[j]]
+            if c == _SPACE:
+                j += 1
+                continue
+            if c == _NEWLINE:
+                nl = True
+                j += 1
+                continue
+            if c == _HIGH:
                 k = _utf8_len(data, j, e)
                 if k == 0:
                     st = BAD_UTF8
                     break
-                if done:
-                    st = MULTIPLE
-                    break
-                if not seen:
-                    st = NOT_OBJECT
-                    break
-                for q in range(k):
-                    out[pos + q] = data[j + q]
-                pos += k
-                esc = False
-                j += k
-                continue
-            if in_str:
-                if b < 0x20:
-                    st = CONTROL
-                    break
-                if esc:
-                    esc = False
-                elif b == 0x5C:  # backslash
-                    esc = True
-                elif b == 0x22:  # quote
-                    in_str = False
-                out[pos] = b
-                pos += 1
-                j += 1
-                continue
-            if b == 0x20 or b == 0x09 or b == 0x0A or b == 0x0D:
-                out[pos] = 0x20
-                pos += 1
-                j += 1
-                continue
+                j += k - 1
             if done:
                 st = MULTIPLE
                 break
             if not seen:
                 seen = True
-                if b != 0x7B:  # {
+                if c != _OBJ:
                     st = NOT_OBJECT
                     break
-            if b == 0x22:
-                in_str = True
-            elif b == 0x7B or b == 0x5B:
+            if c == _OBJ or c == _ARR:  # noqa: SIM109 - numba
                 depth += 1
-            elif b == 0x7D or b == 0x5D:
+            elif c == _CLOSE:
                 depth -= 1
-                if depth == 0:
-                    done = True
-            out[pos] = b
-            pos += 1
+                done = depth == 0
+            elif c == _QUOTE:
+                j += 1
+                while j < e:  # inside a string
+                    b = data[j]
+                    if b == 0x22:
+                        break
+                    if b == 0x5C:  # the escaped byte is checked like any other
+                        j += 1
+                        if j >= e:
+                            break
+                        b = data[j]
+                    if b < 0x20:
+                        st = CONTROL
+                        break
+                    if b >= 0x80:
+                        k = _utf8_len(data, j, e)
+                        if k == 0:
+                            st = BAD_UTF8
+                            break
+                        j += k - 1
+                    j += 1
+                if st != OK:
+                    break
+                if j >= e:
+                    st = TRUNCATED
+                    break
             j += 1
         if st == OK:
             if not seen:
@@ -153,14 +159,28 @@ def scan_json_items(data, starts, ends, out, out_starts, status):
             elif not done:
                 st = TRUNCATED
         status[i] = st
-        if st == OK:
-            out[pos] = 0x0A
+        newlines[i] = nl
+
+
+@njit(cache=True, nogil=True)
+def compact_json_items(data, starts, ends, status, out, out_starts):
+    """Copy the OK items to ``out``, one per line (``\\n`` after each; their raw CR/LF, only
+    whitespace in an OK item, become spaces). ``out_starts[j]`` is where OK item ``j``
+    begins; ``out`` needs their lengths + one byte each. Returns the bytes used."""
+    pos = 0
+    n = 0
+    for i in range(len(starts)):
+        if status[i] != OK:
+            continue
+        out_starts[n] = pos
+        n += 1
+        for j in range(starts[i], ends[i]):
+            b = data[j]
+            out[pos] = 0x20 if b == 0x0A or b == 0x0D else b
             pos += 1
-            out_starts[n_good] = begin
-            n_good += 1
-        else:
-            pos = begin
-    return n_good, pos
+        out[pos] = 0x0A
+        pos += 1
+    return pos
 
 
 @njit(cache=True, nogil=True)

@@ -110,6 +110,7 @@ _SCAN_REASONS = {
     ktext.CONTROL: "invalid JSON: control character in a string",
 }
 _TOO_LONG = 7
+_RAW = (RAW_JSON, RAW_ERROR)
 _FALLBACK_LINES = 8  # a failing range this small is decoded line by line
 
 
@@ -311,8 +312,8 @@ def _from_float(v: np.ndarray, dt: str) -> tuple[Values, Codes]:
     bad = frac | out_of_range
     if bad.any():
         codes = _codes(len(v)) if codes is None else codes
-        codes[out_of_range & (codes == OK)] = RANGE
         codes[frac & (codes == OK)] = FRACTION
+        codes[out_of_range & (codes == OK)] = RANGE
         safe = np.where(bad, 0.0, safe)
     return safe.astype(np.dtype(dt)), codes
 
@@ -642,8 +643,8 @@ def decode_payloads(
     per payload, when the plan takes the key from the message. Indexes are payload indexes."""
     n = len(payloads)
     lengths = np.fromiter(map(len, payloads), np.int64, n)
-    ends = np.cumsum(lengths)
-    data = np.frombuffer(b"".join(payloads), np.uint8)
+    ends = np.cumsum(lengths + 1) - 1
+    data = np.frombuffer(b"\n".join(payloads), np.uint8)  # parsed in place when all are good
     key_arr = None
     if keys is not None:
         key_arr = pa.array([k or None for k in keys], pa.large_string())
@@ -662,7 +663,11 @@ def decode_json(
 ) -> Decoded:
     """Decode the JSON items ``data[starts[i]:ends[i]]`` (one object each). Good items are
     parsed by Arrow in bulk; a failing range is bisected and only single failing items are
-    decoded in Python. ``skip_blank``: whitespace-only items are skipped (NDJSON lines)."""
+    decoded in Python. ``skip_blank``: whitespace-only items are skipped (NDJSON lines).
+
+    When every item is good or blank, holds no raw CR/LF and is followed by a newline in
+    ``data`` (NDJSON blocks, payloads joined with newlines), Arrow parses ``data`` in place;
+    otherwise the good items are first copied to a fresh buffer, one per line."""
     n = len(starts)
     if n == 0:
         return Decoded(None, np.arange(0), np.arange(0), [])
@@ -676,21 +681,36 @@ def decode_json(
         else:
             too_long = None
     status = np.empty(n, np.int8)
-    out = np.empty(int((ends - starts).sum()) + n, np.uint8)
-    out_starts = np.empty(n + 1, np.int64)
-    n_good, used = ktext.scan_json_items(data, starts, ends, out, out_starts, status)
-    out_starts[n_good] = used
+    newlines = np.empty(n, np.bool_)
+    ktext.scan_json_items(data, starts, ends, status, newlines)
     if too_long is not None:
         status[too_long] = _TOO_LONG
-    items = np.flatnonzero(status == ktext.OK)  # item of each good line
+    good = status == ktext.OK
+    items = np.flatnonzero(good)  # item of each good line
+    n_good = len(items)
 
     # bulk parse, bisecting failures down to single lines
     parsed: list[tuple[int, int, pa.Table]] = []
     fallback: list[int] = []
     if n_good:
-        widest = int(np.diff(out_starts[: n_good + 1]).max())
-        read = pajson.ReadOptions(block_size=max(1 << 20, widest + 1), use_threads=False)
-        _bulk(plan, out, out_starts, 0, n_good, read, parsed, fallback)
+        in_place = bool(((status == ktext.OK) | (status == ktext.EMPTY)).all()) and not bool(
+            (newlines & good).any()
+        )
+        if in_place and n > 1:  # items are separated by exactly a \n or \r\n
+            gap = starts[1:] - ends[:-1]
+            lf = data[np.maximum(starts[1:] - 1, 0)] == 10
+            cr = data[np.minimum(ends[:-1], len(data) - 1)] == 13
+            in_place = bool((lf & ((gap == 1) | ((gap == 2) & cr))).all())
+        if in_place:
+            buf = data
+            lines = np.append(starts[items], ends[items[-1]])
+        else:
+            buf = np.empty(int((ends[items] - starts[items]).sum()) + n_good, np.uint8)
+            lines = np.empty(n_good + 1, np.int64)
+            lines[n_good] = ktext.compact_json_items(data, starts, ends, status, buf, lines)
+        widest = int((ends - starts).max()) + 2
+        read = pajson.ReadOptions(block_size=max(1 << 20, widest), use_threads=False)
+        _bulk(plan, buf, lines, 0, n_good, read, parsed, fallback)
 
     # conform the bulk rows (typed) and the fallback rows (Python) with the same converters
     good_tables: list[pa.Table] = []
@@ -721,8 +741,8 @@ def decode_json(
     if fallback:
         fb_items = items[np.asarray(fallback, np.int64)]
         rows, ok_items, errs = [], [], []
-        for line, item in zip(fallback, fb_items.tolist(), strict=True):
-            text = out[out_starts[line] : out_starts[line + 1] - 1].tobytes()
+        for item in fb_items.tolist():
+            text = data[starts[item] : ends[item]].tobytes()
             obj, err = _loads(text, plan)
             if err is None:
                 rows.append(obj)
@@ -771,11 +791,13 @@ def _scan_reason(code: int, what: str, max_bytes: int | None) -> str:
     return _SCAN_REASONS[code]
 
 
-def _bulk(plan, out, out_starts, lo, hi, read, parsed, fallback) -> None:
-    buf = pa.py_buffer(out[out_starts[lo] : out_starts[hi]])
+def _bulk(plan, buf, lines, lo, hi, read, parsed, fallback) -> None:
+    """Parse lines ``lo:hi`` (``buf[lines[lo]:lines[hi]]``) into ``parsed``; a failing range
+    is split in two, and one of at most ``_FALLBACK_LINES`` lines goes to ``fallback``."""
+    chunk = pa.py_buffer(buf[lines[lo] : lines[hi]])
     try:
         t = pajson.read_json(
-            pa.BufferReader(buf), read_options=read, parse_options=plan.parse_options
+            pa.BufferReader(chunk), read_options=read, parse_options=plan.parse_options
         )
         if t.num_rows == hi - lo:  # one row per line: each line holds one object (scanned)
             parsed.append((lo, hi, t))
@@ -786,8 +808,8 @@ def _bulk(plan, out, out_starts, lo, hi, read, parsed, fallback) -> None:
         fallback.extend(range(lo, hi))
         return
     mid = (lo + hi) // 2
-    _bulk(plan, out, out_starts, lo, mid, read, parsed, fallback)
-    _bulk(plan, out, out_starts, mid, hi, read, parsed, fallback)
+    _bulk(plan, buf, lines, lo, mid, read, parsed, fallback)
+    _bulk(plan, buf, lines, mid, hi, read, parsed, fallback)
 
 
 def _loads(text: bytes, plan: Plan) -> tuple[dict | None, str | None]:
@@ -867,6 +889,11 @@ def decode_batch(
     raw = table.column(RAW_JSON).combine_chunks()
     data, offsets, valid = _string_buffers(raw)
     starts, ends = offsets[:-1], offsets[1:]
+    if len(data):  # an item's own line terminator (\n or \r\n) is not part of it
+        last = np.maximum(ends - 1, 0)
+        ends = ends - ((ends > starts) & (data[last] == 10))
+        last = np.maximum(ends - 1, 0)
+        ends = ends - ((ends > starts) & (data[last] == 13))
     forced = None
     if RAW_ERROR in table.column_names:
         err = table.column(RAW_ERROR).combine_chunks()
@@ -887,17 +914,19 @@ def decode_batch(
         reasons = [reasons[i] for i in order.tolist()]
     if not len(dead):
         return res.table, None
-    others = table.drop_columns([c for c in (RAW_JSON, RAW_ERROR) if c in table.column_names])
-    kept = others.take(pa.array(dead))
-    texts = [
-        bytes(data[offsets[i] : min(offsets[i + 1], offsets[i] + DEAD_TEXT_BYTES)])
-        .decode("utf-8", "replace")
-        .rstrip("\r\n")
-        for i in dead.tolist()
-    ]
-    kept = kept.append_column("json", pa.array(texts, pa.string()))
-    kept = kept.append_column("reason", pa.array(reasons, pa.string()))
-    return res.table, _one_batch(kept)
+    take = pa.array(dead)
+    cols = {c: table.column(c).take(take) for c in table.column_names if c not in _RAW}
+    cols["json"] = pa.array(
+        [
+            bytes(data[offsets[i] : min(offsets[i + 1], offsets[i] + DEAD_TEXT_BYTES)])
+            .decode("utf-8", "replace")
+            .rstrip("\r\n")
+            for i in dead.tolist()
+        ],
+        pa.string(),
+    )
+    cols["reason"] = pa.array(reasons, pa.string())
+    return res.table, _one_batch(pa.table(cols))
 
 
 def _one_batch(t: pa.Table) -> pa.RecordBatch:
@@ -907,4 +936,8 @@ def _one_batch(t: pa.Table) -> pa.RecordBatch:
 def warm_up() -> None:
     """Compile (or load from numba's cache) the text kernels."""
     p = plan("k", "int64", {"x": "float32", "s": "string"})
-    decode_payloads(p, [b'{"k": 1, "x": 1.5, "s": "a"}', b'{"k": "2", "x": "1"}', b"x"])
+    good = [b'{"k": 1, "x": 1.5, "s": "a"}', b'{"k": "2", "x": "1"}']
+    decode_payloads(p, good)
+    decode_payloads(p, [*good, b"x"])
+    lines = b"\n".join(good)
+    decode_batch(p, json_batch(lines, np.array([0, len(good[0]) + 1, len(lines)], np.int64)))
