@@ -169,7 +169,7 @@ class FileSource:
         fmt = self.formats[i]
         if fmt == "ndjson":
             return _NDJSONReader(self.paths[i], start, self.chunk_bytes)
-        return _ArrowReader(self.paths[i], fmt, start, self.columns)
+        return _ArrowReader(self.paths[i], fmt, start, self.columns, self.chunk_bytes)
 
     def poll(self, max_events: int, timeout: float) -> Batches | None:
         while self._reader is not None:
@@ -244,7 +244,7 @@ class _NDJSONReader:
             avail = len(self.nls) - self.k
             if avail >= max_lines or self.eof:
                 break
-            if len(self.data) - self.pos >= self.chunk:
+            if len(self.data) - self.pos > self.chunk:
                 if avail:
                     break
                 return self._long_line()
@@ -259,24 +259,31 @@ class _NDJSONReader:
         offsets = np.concatenate([[self.pos], ends]).astype(np.int64)
         self.k += take
         self.pos = int(ends[-1])
-        lines = offsets[:-1] + self.base
-        return decode.json_batch(self.data, offsets, {"__offset": pa.array(lines)})
+        extra = {"__offset": pa.array(offsets[:-1] + self.base)}
+        newline = np.frombuffer(self.data, np.uint8)[offsets[1:] - 1] == 10
+        long = np.diff(offsets) - newline > self.chunk
+        if long.any():  # a line longer than a chunk that happened to be read whole
+            reason = f"line longer than {self.chunk} bytes"
+            extra[decode.RAW_ERROR] = pa.array(np.where(long, reason, None), pa.string())
+        return decode.json_batch(self.data, offsets, extra)
 
     def _long_line(self) -> pa.RecordBatch:
         """The next line does not fit in a chunk: keep its head, skip to its end."""
         from vecswim import decode
 
         start = self.position
-        head = self.data[self.pos : self.pos + decode.DEAD_TEXT_BYTES]
+        keep = decode.DEAD_TEXT_BYTES
+        head = self.data[self.pos : self.pos + keep]  # no newline after pos
+        self.base = start + len(self.data) - self.pos
         self.data, self.pos, self.nls, self.k = b"", 0, np.zeros(0, np.int64), 0
-        self.base = start + decode.DEAD_TEXT_BYTES
-        self.fh.seek(self.base)
         while True:
             block = self.fh.read(self.chunk)
             if not block:
                 self.eof = True
                 break
             nl = block.find(b"\n")
+            if len(head) < keep:
+                head += block[: min(keep - len(head), nl if nl >= 0 else len(block))]
             if nl >= 0:
                 self.base += nl + 1
                 self.fh.seek(self.base)
@@ -296,14 +303,18 @@ class _NDJSONReader:
 
 
 class _ArrowReader:
-    """Rows of a Parquet or Arrow IPC file, ``max_rows`` at a time, from row ``start``.
-    Parquet reads record batches of its row groups (buffered, never a whole file); Arrow IPC
-    is memory-mapped and read zero-copy, batch by batch."""
+    """Rows of a Parquet or Arrow IPC file from row ``start``: at most ``max_rows`` and about
+    ``chunk_bytes`` per read. Parquet reads record batches of its row groups (buffered, never
+    a whole row group or file); Arrow IPC is memory-mapped and read zero-copy, batch by
+    batch."""
 
     BATCH_ROWS = 65_536
 
-    def __init__(self, path: Path, fmt: str, start: int, columns: list[str] | None) -> None:
+    def __init__(
+        self, path: Path, fmt: str, start: int, columns: list[str] | None, chunk_bytes: int
+    ) -> None:
         self.path = path
+        self.chunk = chunk_bytes
         self.position = start
         self._pending: pa.RecordBatch | None = None
         self._closers: list = []
@@ -353,8 +364,8 @@ class _ArrowReader:
             self._failed = True
             return _error_batch(self._error, self.position)
         parts = []
-        got = 0
-        while got < max_rows:
+        got = size = 0
+        while got < max_rows and size < self.chunk:
             if self._pending is None:
                 try:
                     self._pending = next(self._it, None)
@@ -369,8 +380,11 @@ class _ArrowReader:
                 if self._pending.num_rows == 0:
                     self._pending = None
                     continue
-            take = min(max_rows - got, self._pending.num_rows)
-            parts.append(self._pending.slice(0, take))
+            p = self._pending
+            fit = (self.chunk - size) * p.num_rows // max(p.nbytes, 1)  # rows within budget
+            take = min(max_rows - got, p.num_rows, max(fit, 1))
+            parts.append(p.slice(0, take))
+            size += parts[-1].nbytes
             rest = self._pending.num_rows - take
             self._pending = self._pending.slice(take) if rest else None
             got += take
