@@ -214,6 +214,9 @@ class PulsarSource:
         if retried:
             self.log(f"vecswim: pulsar reachable at {service_url}, subscribed")
         self._dlq_errors: list[str] = []
+        self._dlq_sent = 0  # dead letters sent (engine thread) ...
+        self._dlq_confirmed = 0  # ... and answered by the broker (client thread)
+        self._deferred = 0  # a commit token not acknowledged yet (broker unreachable/slow)
         # acknowledgement bookkeeping: what each poll received, as message ids (the payloads
         # are not kept): (messages received up to and including this poll, ids to ack)
         self._polled = 0
@@ -290,6 +293,7 @@ class PulsarSource:
             return
         props = {"reason": reason[:1000], "source_message_id": str(msg.message_id())}
         key = msg.partition_key()
+        self._dlq_sent += 1
         self.dlq.send_async(msg.data(), self._dlq_done, properties=props, partition_key=key or None)
 
     def dead_rows(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
@@ -302,11 +306,13 @@ class PulsarSource:
         buf = io.BytesIO()
         body.write_ndjson(buf)
         for line, reason in zip(buf.getvalue().splitlines(), reasons, strict=True):
+            self._dlq_sent += 1
             self.dlq.send_async(line, self._dlq_done, properties={"reason": reason})
 
     def _dlq_done(self, res, _msg_id) -> None:
         if res != pulsar.Result.Ok:
             self._dlq_errors.append(str(res))
+        self._dlq_confirmed += 1
 
     def _received(self, msgs: list) -> None:
         """Note what to acknowledge for ``msgs`` (ids only: the payloads are not kept, so
@@ -365,21 +371,28 @@ class PulsarSource:
         """What a checkpoint taken now covers: the last applied message per topic, counters."""
         return {"last": {t: list(p) for t, p in self._last.items()}, "counts": dict(self.counts)}
 
-    def commit(self, token: int | None = None) -> bool:
+    def commit(self, token: int | None = None, wait: float = 0.2) -> bool:
         """Acknowledge the messages polled before ``token`` (a ``mark()``; default: all
         polled so far): their effect is durable (tick complete, or covered by a durable
         checkpoint) and their dead letters are published. Raises if a dead letter could not
-        be published (nothing is acknowledged then). While the broker is unreachable nothing
-        is acknowledged and False is returned: a later commit covers these messages too."""
+        be published (nothing is acknowledged then). While the broker is unreachable, or
+        has not confirmed every dead letter within ``wait`` seconds, nothing is acknowledged
+        and False is returned: a later commit (or ``close``) covers these messages too, and
+        the engine never blocks on the broker here."""
         upto = self._polled if token is None else token
         if upto <= self._acked:
             return True
+        self._deferred = upto
         if not self.consumer.is_connected() or (
             self.dlq is not None and not self.dlq.is_connected()
         ):
             return False
-        if self.dlq is not None:
-            self.dlq.flush()
+        deadline = time.monotonic() + wait
+        while self._dlq_confirmed < self._dlq_sent:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        self._deferred = 0
         if self._dlq_errors:
             err, self._dlq_errors = self._dlq_errors, []
             raise RuntimeError(f"dead-letter publish failed: {err[0]}")
@@ -401,9 +414,9 @@ class PulsarSource:
         broker unreachable it does not wait for it (unacknowledged messages are redelivered
         to the next run, and their dead letters published again)."""
         with contextlib.suppress(pulsar.PulsarException):
+            if self._deferred:  # a last chance for a deferred acknowledgement
+                self.commit(self._deferred, wait=10.0)
             if self.dlq is not None:
-                if self.dlq.is_connected():
-                    self.dlq.flush()
                 self.dlq.close()
             self.consumer.close()
         self.client.close()
