@@ -260,3 +260,15 @@ def parse_number_text(data, offsets, valid, cls, value):
             v = v * 10 + np.int64(data[k] - 0x30)
         cls[i] = INT
         value[i] = -v if neg else v
+
+
+@njit(cache=True, nogil=True)
+def newlines(data, out):
+    """Write the positions of the ``\\n`` bytes of ``data`` to ``out`` (one slot each);
+    returns how many there are."""
+    n = 0
+    for j in range(len(data)):
+        if data[j] == 0x0A:
+            out[n] = j
+            n += 1
+    return n

@@ -65,7 +65,9 @@ lines are skipped, not counted. Invalid JSON never reaches the cast rules.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -111,7 +113,9 @@ _SCAN_REASONS = {
 }
 _TOO_LONG = 7
 _RAW = (RAW_JSON, RAW_ERROR)
-_FALLBACK_LINES = 8  # a failing range this small is decoded line by line
+_FALLBACK_LINES = 32  # a failing range this small is decoded line by line
+_SPLIT = 16  # a larger failing range is parsed again in this many parts
+_ROW = re.compile(r"JSON parse error: .* in row (\d+)$")
 
 
 # -- plans ------------------------------------------------------------------------------------
@@ -391,7 +395,7 @@ def convert(arr: pa.Array | pa.ChunkedArray, dt: str) -> tuple[Values, np.ndarra
     codes (int8, None if all OK) give OK/NULL/NONFINITE/RANGE/FRACTION/TYPE per row and
     values are only meaningful where OK (numpy, or Arrow for strings)."""
     if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
+        arr = _one_array(arr)
     t = arr.type
     n = len(arr)
     if pa.types.is_dictionary(t):
@@ -708,9 +712,7 @@ def decode_json(
             buf = np.empty(int((ends[items] - starts[items]).sum()) + n_good, np.uint8)
             lines = np.empty(n_good + 1, np.int64)
             lines[n_good] = ktext.compact_json_items(data, starts, ends, status, buf, lines)
-        widest = int((ends - starts).max()) + 2
-        read = pajson.ReadOptions(block_size=max(1 << 20, widest), use_threads=False)
-        _bulk(plan, buf, lines, 0, n_good, read, parsed, fallback)
+        _bulk(plan, buf, lines, 0, n_good, parsed, fallback)
 
     # conform the bulk rows (typed) and the fallback rows (Python) with the same converters
     good_tables: list[pa.Table] = []
@@ -791,25 +793,43 @@ def _scan_reason(code: int, what: str, max_bytes: int | None) -> str:
     return _SCAN_REASONS[code]
 
 
-def _bulk(plan, buf, lines, lo, hi, read, parsed, fallback) -> None:
-    """Parse lines ``lo:hi`` (``buf[lines[lo]:lines[hi]]``) into ``parsed``; a failing range
-    is split in two, and one of at most ``_FALLBACK_LINES`` lines goes to ``fallback``."""
-    chunk = pa.py_buffer(buf[lines[lo] : lines[hi]])
-    try:
-        t = pajson.read_json(
-            pa.BufferReader(chunk), read_options=read, parse_options=plan.parse_options
-        )
-        if t.num_rows == hi - lo:  # one row per line: each line holds one object (scanned)
-            parsed.append((lo, hi, t))
-            return
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-        pass
+def _bulk(plan, buf, lines, lo, hi, parsed, fallback) -> None:
+    """Parse lines ``lo:hi`` (``buf[lines[lo]:lines[hi]]``, one JSON object each) into
+    ``parsed`` as ``(lo, hi, table)`` ranges, and put the lines Arrow refuses in ``fallback``.
+
+    The slice is parsed as one Arrow block, so a parse error names the row it stopped at:
+    the rows before it are parsed again (they were fine up to there), that line goes to the
+    fallback and parsing goes on after it, so k bad lines cost about two passes over the
+    data. A conversion error (no row, e.g. 1.5 for an int64) splits the range in ``_SPLIT``
+    parts; a range of at most ``_FALLBACK_LINES`` lines goes to the fallback whole."""
+    while lo < hi:
+        chunk = pa.py_buffer(buf[lines[lo] : lines[hi]])
+        read = pajson.ReadOptions(block_size=chunk.size + 1, use_threads=False)
+        try:
+            t = pajson.read_json(
+                pa.BufferReader(chunk), read_options=read, parse_options=plan.parse_options
+            )
+            if t.num_rows == hi - lo:  # one row per line: each holds one object (scanned)
+                parsed.append((lo, hi, t))
+                return
+            row = None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            m = _ROW.search(str(e))
+            row = int(m.group(1)) if m else None
+        if row is None or not 0 <= row < hi - lo:
+            break
+        if row:
+            _bulk(plan, buf, lines, lo, lo + row, parsed, fallback)
+        fallback.append(lo + row)
+        lo += row + 1
+    else:
+        return
     if hi - lo <= _FALLBACK_LINES:
         fallback.extend(range(lo, hi))
         return
-    mid = (lo + hi) // 2
-    _bulk(plan, buf, lines, lo, mid, read, parsed, fallback)
-    _bulk(plan, buf, lines, mid, hi, read, parsed, fallback)
+    cuts = np.unique(np.linspace(lo, hi, _SPLIT + 1).astype(np.int64)).tolist()
+    for a, b in itertools.pairwise(cuts):
+        _bulk(plan, buf, lines, a, b, parsed, fallback)
 
 
 def _loads(text: bytes, plan: Plan) -> tuple[dict | None, str | None]:
@@ -886,7 +906,7 @@ def decode_batch(
         dead = table.take(pa.array(res.dead))
         dead = dead.append_column("reason", pa.array(res.reasons, pa.string()))
         return res.table, _one_batch(dead)
-    raw = table.column(RAW_JSON).combine_chunks()
+    raw = _one_array(table.column(RAW_JSON))
     data, offsets, valid = _string_buffers(raw)
     starts, ends = offsets[:-1], offsets[1:]
     if len(data):  # an item's own line terminator (\n or \r\n) is not part of it
@@ -896,7 +916,7 @@ def decode_batch(
         ends = ends - ((ends > starts) & (data[last] == 13))
     forced = None
     if RAW_ERROR in table.column_names:
-        err = table.column(RAW_ERROR).combine_chunks()
+        err = _one_array(table.column(RAW_ERROR))
         forced = np.flatnonzero(~np.asarray(err.is_null().to_numpy(zero_copy_only=False)))
     skip = ~valid
     if forced is not None and len(forced):
@@ -906,7 +926,7 @@ def decode_batch(
     res = decode_json(plan, data, starts, ends, skip_blank=True, what="line")
     dead, reasons = res.dead, res.reasons
     if forced is not None and len(forced):
-        errs = table.column(RAW_ERROR).combine_chunks().take(pa.array(forced)).to_pylist()
+        errs = err.take(pa.array(forced)).to_pylist()
         dead = np.concatenate([dead, forced])
         reasons = reasons + errs
         order = np.argsort(dead, kind="stable")
@@ -927,6 +947,11 @@ def decode_batch(
     )
     cols["reason"] = pa.array(reasons, pa.string())
     return res.table, _one_batch(pa.table(cols))
+
+
+def _one_array(col: pa.ChunkedArray) -> pa.Array:
+    """The column as one array (zero-copy when it has one chunk)."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
 
 
 def _one_batch(t: pa.Table) -> pa.RecordBatch:

@@ -17,6 +17,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from vecswim.kernels import text as ktext
+
 Batches = dict[str, pa.RecordBatch]
 
 
@@ -230,7 +232,9 @@ class _NDJSONReader:
         more = self.fh.read(self.chunk)
         if not more:
             self.eof = True
-        nls = np.flatnonzero(np.frombuffer(more, np.uint8) == 10) + len(rest)
+        nls = np.empty(more.count(b"\n"), np.int64)
+        ktext.newlines(np.frombuffer(more, np.uint8), nls)
+        nls += len(rest)
         self.nls = np.concatenate([self.nls[self.k :] - self.pos, nls])
         self.k = 0
         self.base += self.pos
