@@ -802,3 +802,26 @@ def test_file_source_positions_resume_exactly(tmp_path, fmt):
     assert head + rest == t.to_pylist() * 2
     with pytest.raises(ValueError, match="checkpoint was taken replaying"):
         FileSource([path], "a", resume=pos)
+
+
+def test_crlf_and_blank_lines_in_ndjson(tmp_path):
+    """CRLF line ends, blank and whitespace-only lines, a CR inside a line (whitespace) and a
+    final line without a newline: same rows as LF-only input (in place or copied)."""
+    at = vs.AgentType("a", key="id", columns=[vs.Column("x", "float32", vs.latest("x"))])
+    body = (
+        b'{"id": 1, "x": 1}\r\n\r\n  \t \n{"id": 2,\r"x": 2}\r\n{"id": 3, "x": 3}\n\n'
+        b'{"id": 4, "x": 4}'
+    )
+    path = tmp_path / "ev.ndjson"
+    path.write_bytes(body)
+    for chunk in (8, 1 << 20):
+        src = FileSource(path, "a", chunk_bytes=chunk)
+        good, dead = [], []
+        while (p := src.poll(100, 0.0)) is not None:
+            g, d = validate_events(at, {"x": "float32"}, p["a"])
+            good += g.to_pylist() if g is not None else []
+            dead += d.column("reason").to_pylist() if d is not None else []
+        if chunk == 8:  # every line but the blank ones is longer than 8 bytes
+            assert good == [] and dead == ["line longer than 8 bytes"] * 4
+        else:
+            assert good == [{"id": i, "x": float(i)} for i in (1, 2, 3, 4)] and dead == []
