@@ -665,9 +665,10 @@ def decode_json(
     skip_blank: bool = False,
     what: str = "payload",
 ) -> Decoded:
-    """Decode the JSON items ``data[starts[i]:ends[i]]`` (one object each). Good items are
-    parsed by Arrow in bulk; a failing range is bisected and only single failing items are
-    decoded in Python. ``skip_blank``: whitespace-only items are skipped (NDJSON lines).
+    """Decode the JSON items ``data[starts[i]:ends[i]]`` (one object each). Items that are
+    not exactly one object are dead (framing scan); the others are parsed by Arrow in bulk
+    against the plan's wire schema, and only the lines Arrow refuses are decoded in Python
+    (see ``_bulk``). ``skip_blank``: whitespace-only items are skipped (NDJSON lines).
 
     When every item is good or blank, holds no raw CR/LF and is followed by a newline in
     ``data`` (NDJSON blocks, payloads joined with newlines), Arrow parses ``data`` in place;
@@ -693,7 +694,7 @@ def decode_json(
     items = np.flatnonzero(good)  # item of each good line
     n_good = len(items)
 
-    # bulk parse, bisecting failures down to single lines
+    # bulk parse; the lines Arrow refuses go to the fallback
     parsed: list[tuple[int, int, pa.Table]] = []
     fallback: list[int] = []
     if n_good:

@@ -11,8 +11,8 @@ reason as the ``reason`` property before they are acknowledged, and counted.
 Decoding is the one decoder's (``vecswim.decode``, which states the cast rules), in bulk:
 JSON payloads (one event per message) are checked to hold exactly one JSON object each (a
 numba scan), joined into one NDJSON buffer and parsed by Arrow in one call against the agent
-type's schema, so rows and message keys pair with their messages by construction; a bad
-message is found by bisection only when a batch fails to parse. Arrow IPC payloads (many
+type's schema, so rows and message keys pair with their messages by construction; only
+the messages Arrow refuses are decoded one by one. Arrow IPC payloads (many
 events per message) are read zero-copy and cast per row. The only per-message Python is what
 the client forces (``data()``, ``message_id()``, ``partition_key()``).
 
