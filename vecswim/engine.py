@@ -713,7 +713,9 @@ class Engine:
                 "tick": pa.array(np.full(k, tick, np.int64)),
             }
             for c, v in outs.items():
-                cols[c] = pa.array(v[:k])
+                # Few of the dirty rows emitted: copy, since the emission log (and sinks) keep
+                # the batch, and a view would keep all n rows of ``v`` alive with it.
+                cols[c] = pa.array(v[:k] if 2 * k >= n else v[:k].copy())
             batch = pa.RecordBatch.from_pydict(cols)
             total += k
             self.emission_log.write(tick, t.name, batch)
