@@ -215,7 +215,7 @@ def test_vecswim_sql_cli_against_a_running_engine(tmp_path):
             "--rate",
             "20000",
             "--seconds",
-            "60",
+            "600",  # ended by the test; long enough for a slow, shared machine
             "--sql-port",
             port,
             "--quiet",
