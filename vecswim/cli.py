@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -457,6 +459,7 @@ def run(
             dlq_topic=dlq_topic,
             options=opts,
             resume=(resumed or {}).get("positions"),
+            log=lambda m: click.echo(m, err=True),
         )
         engine.dead_letters.add_sink(source.dead_rows)
         if out_topic:
@@ -496,8 +499,25 @@ def run(
         from vecswim import checkpoint
 
         checkpointer = checkpoint.Checkpointer(
-            engine, checkpoint_dir, source, checkpoint_every, checkpoint_ticks, checkpoint_keep
+            engine,
+            checkpoint_dir,
+            source,
+            checkpoint_every,
+            checkpoint_ticks,
+            checkpoint_keep,
+            log=lambda m: click.echo(m, err=True),
         )
+    # SIGTERM stops at the next tick boundary: final checkpoint, acknowledgements, summary,
+    # exit 0. A second SIGTERM ends the process at once (still safe: see docs/FAULTS.md).
+    stop = threading.Event()
+
+    def on_sigterm(_signum, _frame) -> None:
+        stop.set()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    from vecswim.checkpoint import CheckpointError
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         engine.run(
             source,
@@ -506,13 +526,21 @@ def run(
             seconds=seconds,
             on_tick=status,
             checkpointer=checkpointer,
+            stop=stop,
         )
+    except CheckpointError as e:
+        raise click.ClickException(str(e)) from None
     finally:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
         close = getattr(source, "close", None)
         if close is not None:
             close()
         if server is not None:
             server.close()
+    if stop.is_set():
+        done = " after a final checkpoint" if checkpointer is not None else ""
+        click.echo(f"vecswim: SIGTERM: stopped at tick {engine.tick_id:,}{done}", err=True)
     if status.tty and not quiet:
         click.echo("", err=True)
     click.echo(status.summary(), err=True)
@@ -606,14 +634,17 @@ class _IdleExit:
     def poll(self, max_events: int, timeout: float):
         got = self.source.poll(max_events, timeout)
         now = time.monotonic()
-        if got:
-            self.last = now
+        if got or not getattr(self.source, "connected", True):
+            self.last = now  # an unreachable broker is not idleness
         elif now - self.last > self.idle:
             return None
         return got
 
-    def commit(self, token: int | None = None) -> None:
-        self.source.commit(token)
+    def commit(self, token: int | None = None):
+        return self.source.commit(token)
+
+    def gauges(self) -> dict:
+        return self.source.gauges()
 
     def mark(self) -> int:
         return self.source.mark()
