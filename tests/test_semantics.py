@@ -292,3 +292,20 @@ BAD_LINKS = [
 def test_refused_links(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_two_mean_columns_keep_their_own_counts():
+    # found by the deep differential run: the reference once shared one count between them
+    at = vs.AgentType(
+        "a",
+        key="id",
+        columns=[
+            vs.Column("m1", "float32", vs.mean("x"), emit=True),
+            vs.Column("m2", "float64", vs.mean("y"), emit=True),
+        ],
+    )
+    seq = [({"a": pa.table({"id": [1, 1], "x": [1.0, 2.0], "y": [-0.0, 0.1]})}, [])]
+    run_differential([at], [], seq)
+    eng = vs.Engine([at])
+    eng.tick(seq[0][0])
+    assert eng.state("a").to_pylist() == [{"id": 1, "m1": 1.5, "m2": 0.05}]

@@ -190,7 +190,7 @@ class ReferenceEngine:
             better = x < cur if kind == "min" else x > cur
             return store(dt, x) if (cur != cur or better) else cur
         if kind == "mean":
-            n = self.mean_n[name][key] = self.mean_n[name].get(key, 0) + 1
+            n = self.mean_n[name][(key, c.name)] = self.mean_n[name].get((key, c.name), 0) + 1
             if n == 1:
                 return store(dt, float(x))
             m = float(cur)
