@@ -304,9 +304,7 @@ class Engine:
         ck = _key_array(child_keys, ls.child, f"set_links({link!r}) child keys")
         pk = _key_array(parent_keys, ls.parent, f"set_links({link!r}) parent keys")
         if len(ck) != len(pk):
-            raise ValueError(
-                f"set_links({link!r}): {len(ck)} child keys but {len(pk)} parent keys"
-            )
+            raise ValueError(f"set_links({link!r}): {len(ck)} child keys but {len(pk)} parent keys")
         self._pending_links.append((link, ck, pk))
 
     def tick(self, events: Mapping[str, pa.RecordBatch | pa.Table] | None = None) -> TickStats:
