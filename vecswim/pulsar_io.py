@@ -259,13 +259,21 @@ class PulsarSource:
         ids = [_position(m) for m in msgs]
         # Redelivered messages already applied (before a broker reconnect, or covered by the
         # resumed checkpoint): acknowledged with the rest, not applied again.
-        seen = self._last if self.ordered else self._covered
-        if seen:
-            fresh = [i for i, (t, p) in enumerate(ids) if p > seen.get(t, (-1,))]
-            if len(fresh) < len(msgs):
-                self.counts["redelivered"] += len(msgs) - len(fresh)
-                msgs = [msgs[i] for i in fresh]
-                ids = [ids[i] for i in fresh]
+        # In order per topic (exclusive/failover), a redelivery is at or before the last
+        # position applied, even within this poll (a reconnect between two receives).
+        if self.ordered:
+            last = dict(self._last)
+            fresh = []
+            for i, (t, p) in enumerate(ids):
+                if p > last.get(t, (-1,)):
+                    last[t] = p
+                    fresh.append(i)
+        else:
+            fresh = [i for i, (t, p) in enumerate(ids) if p > self._covered.get(t, (-1,))]
+        if len(fresh) < len(msgs):
+            self.counts["redelivered"] += len(msgs) - len(fresh)
+            msgs = [msgs[i] for i in fresh]
+            ids = [ids[i] for i in fresh]
             if not msgs:
                 return {}
         for t, p in ids:
