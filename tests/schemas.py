@@ -18,27 +18,12 @@ from hypothesis import strategies as st
 from numba import njit
 
 import vecswim as vs
+from vecswim import schema
 from vecswim.schema import castable
 
-DTYPES = [
-    "float32",
-    "float64",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "bool",
-]
-RULES = {
-    "f": ["latest", "sum", "count", "min", "max", "mean", "ewma", "hysteresis"],
-    "i": ["latest", "sum", "count", "min", "max", "hysteresis"],
-    "u": ["latest", "sum", "count", "min", "max", "hysteresis"],
-    "b": ["latest", "hysteresis"],
-}
-SAME = ("latest", "sum", "min", "max")
+DTYPES = list(schema.DTYPES)
+RULES = {k: sorted(v) for k, v in schema.RULES_BY_KIND.items()}
+SAME = schema.SAME_DTYPE_RULES
 INT_KEYS = [0, 1, 2, 7, -3, 2**53 + 1, 2**62 + 5, -(2**63), 2**63 - 1]
 STR_KEYS = ["a", "b", "c", "dé", "", "x" * 20]
 

@@ -77,6 +77,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from vecswim.kernels import text as ktext
+from vecswim.schema import DTYPES as COLUMN_DTYPES
 
 RAW_JSON = "__json"
 """Column of a *raw JSON batch*: one JSON item (bytes) per row, decoded by the engine."""
@@ -85,19 +86,7 @@ RAW_ERROR = "__error"
 DEAD_TEXT_BYTES = 4096
 """Raw input kept in a dead letter (the ``json`` column) is cut to this many bytes."""
 
-DTYPES = (
-    "float32",
-    "float64",
-    "int8",
-    "int16",
-    "int32",
-    "int64",
-    "uint8",
-    "uint16",
-    "uint32",
-    "bool",
-    "string",
-)
+DTYPES = (*COLUMN_DTYPES, "string")
 
 # per-row result codes of a conversion
 OK, NULL, NONFINITE, RANGE, FRACTION, TYPE, MISSING = range(7)

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-_DTYPES = {
+# Column dtypes, in the order docs and generators list them.
+DTYPES = (
     "float32",
     "float64",
     "int8",
@@ -28,7 +29,7 @@ _DTYPES = {
     "uint16",
     "uint32",
     "bool",
-}
+)
 
 
 # Names the engine uses itself in emitted rows and for its own per-agent columns.
@@ -36,7 +37,7 @@ RESERVED = frozenset({"tick"})
 
 # Event rules defined on each dtype kind (float, signed, unsigned, bool). mean and ewma are
 # float arithmetic; an integer column would truncate them, so they are refused there.
-_RULES_BY_KIND = {
+RULES_BY_KIND = {
     "f": {"latest", "sum", "count", "min", "max", "mean", "ewma", "hysteresis"},
     "i": {"latest", "sum", "count", "min", "max", "hysteresis"},
     "u": {"latest", "sum", "count", "min", "max", "hysteresis"},
@@ -198,7 +199,7 @@ class Column:
             raise ValueError(f"column name must be a non-empty string, got {self.name!r}")
         if self.name in RESERVED or self.name.startswith("__"):
             raise ValueError(f"{where}: the name is reserved (tick, __*)")
-        if self.dtype not in _DTYPES:
+        if self.dtype not in DTYPES:
             raise ValueError(f"{where}: unsupported dtype {self.dtype!r}")
         if not isinstance(self.emit, bool) and (
             not isinstance(self.emit, int | float) or not self.emit >= 0
@@ -209,7 +210,7 @@ class Column:
         if rule is not None:
             if not isinstance(rule, Rule):
                 raise ValueError(f"{where}: rule must be built with vecswim.latest/sum/...")
-            allowed = _RULES_BY_KIND[kind]
+            allowed = RULES_BY_KIND[kind]
             if rule.kind not in allowed:
                 raise ValueError(
                     f"{where}: rule {rule.kind} is not defined on {self.dtype} columns "
@@ -303,7 +304,7 @@ class AgentType:
         if len(set(names)) != len(names) or self.key in names:
             raise ValueError(f"agent type {self.name!r}: column names must be unique")
         for name, dt in self.fields.items():
-            if dt not in _DTYPES and dt != "string":
+            if dt not in DTYPES and dt != "string":
                 raise ValueError(f"agent type {self.name!r}: field {name!r} has dtype {dt!r}")
         for i, c in enumerate(self.columns):
             inp = c.rule.input if c.rule is not None else None
