@@ -75,6 +75,7 @@ managedLedgerDefaultAckQuorum=1
 allowAutoTopicCreation=true
 allowAutoTopicCreationType=non-partitioned
 brokerDeleteInactiveTopicsEnabled=false
+brokerDeduplicationEnabled=true
 functionsWorkerEnabled=false
 httpServerEnabled=false
 journalSyncData=false

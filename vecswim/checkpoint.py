@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from vecswim.journal import TickJournal
 from vecswim.kernels import keyindex as kidx
 from vecswim.kernels import links as klinks
 
@@ -34,6 +36,20 @@ FORMAT = 1
 
 class CheckpointError(Exception):
     """A checkpoint cannot be used; the message says which and why."""
+
+
+def instance_id(directory: str | Path) -> str:
+    """A random id kept in ``directory`` (created on first use): names this engine's Pulsar
+    producers, so that a restarted engine publishes under the same names."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "instance"
+    if not path.exists():
+        tmp = root / "instance.tmp"
+        tmp.write_text(os.urandom(6).hex())
+        os.replace(tmp, path)
+        _fsync_dir(root)
+    return path.read_text().strip()
 
 
 def fingerprint(engine) -> str:
@@ -73,11 +89,14 @@ class Capture:
     manifest: dict
 
 
-def capture(engine, positions: dict | None = None, buffers: dict | None = None) -> Capture:
+def capture(
+    engine, positions: dict | None = None, buffers: dict | None = None, sinks: dict | None = None
+) -> Capture:
     """Copy the engine state at the current tick boundary (cost: one memcpy of every array).
 
     ``buffers`` (kept by the caller between checkpoints) are reused as copy targets, so
     repeated captures do not pay fresh page faults; only one capture may be in use at a time.
+    ``sinks``: the sinks' snapshots (name -> state) at this boundary.
     """
     buffers = {} if buffers is None else buffers
     tables = {}
@@ -111,6 +130,7 @@ def capture(engine, positions: dict | None = None, buffers: dict | None = None) 
         "schema": schema_summary(engine),
         "totals": dict(engine.totals),
         "positions": positions or {},
+        "sinks": sinks or {},
         "keys": {n: at.key for n, at in engine.types.items()},
         "links": {
             n: {"child": ls.link.child, "parent": ls.link.parent} for n, ls in engine.links.items()
@@ -324,6 +344,15 @@ class Checkpointer:
     recovery once (``failures`` counts them all). At ``close`` a failed final checkpoint
     raises :class:`CheckpointError` (nothing after the last good checkpoint is acknowledged,
     so a restart replays it).
+
+    Exactly-once output (``journal``, on by default, for a source that is ``replayable``):
+    ``resumed`` is the manifest ``restore`` returned (None: an empty start). The sinks that
+    take part (``vecswim.sinks``) resume from their state in it, their snapshots go into every
+    checkpoint, and the tick journal (``vecswim.journal``) records each tick's input before
+    the tick runs (``journal_append``, called by ``Engine.run``); ``replay`` holds the
+    journaled ticks after the restored checkpoint, which ``Engine.run`` runs first.
+    ``keep_journal``: keep every journal segment (an audit trail of tick boundaries) instead
+    of removing those that no kept checkpoint needs.
     """
 
     def __init__(
@@ -335,6 +364,9 @@ class Checkpointer:
         every_ticks=None,
         keep=3,
         log=print,
+        resumed: dict | None = None,
+        journal: bool = True,
+        keep_journal: bool = False,
     ) -> None:
         import threading
 
@@ -359,11 +391,61 @@ class Checkpointer:
         self._failing_since = 0.0
         self.durable_tick: int | None = None  # tick of the newest durable checkpoint
         self.durable_time: float | None = None
+        # Exactly-once output: the sinks that take part drop what they got after the
+        # restored checkpoint, and the journal replays the ticks that produced it.
+        tick = 0 if resumed is None else resumed["tick"]
+        states = (resumed or {}).get("sinks", {})
+        for s in self._sinks():
+            if hasattr(s, "resume"):
+                s.resume(tick, states.get(s.name))
+        self.journal: TickJournal | None = None
+        # records still to replay, consumed by Engine.run
+        self.replay: deque[dict] = deque()
+        self._journal_failing = False
+        self.keep_journal = keep_journal
+        if journal and getattr(source, "replayable", False):
+            self.journal = TickJournal(self.directory)
+            self.replay = deque(self.journal.open(tick))
+            if self.replay:
+                log(
+                    f"vecswim: replaying {len(self.replay):,} journaled tick"
+                    f"{'s' if len(self.replay) > 1 else ''} after checkpoint tick {tick:,} "
+                    f"(up to tick {self.replay[-1]['tick']:,})"
+                )
         # Touch the copy buffers now, in the background, so no capture pays page faults.
         self._thread = threading.Thread(
             target=prefault, args=(engine, self._buffers), name="vecswim-prefault", daemon=True
         )
         self._thread.start()
+
+    def _sinks(self) -> list:
+        """The engine's sinks that take part in checkpoints (see ``vecswim.sinks``)."""
+        return [s for s in self.engine.sinks if getattr(s, "name", None) and hasattr(s, "snapshot")]
+
+    def journal_append(self, tick: int, boundary: dict, stop=None) -> bool:
+        """Journal what ``tick`` consumes before it runs. While the journal cannot be
+        written (disk full, read-only) the engine waits, retrying every second, logged once:
+        a tick whose input is not journaled must not emit. False if ``stop`` ended the wait
+        (the tick does not run; its input is not acknowledged, so it is polled again)."""
+        while True:
+            try:
+                self.journal.append(tick, boundary)
+            except OSError as e:
+                if not self._journal_failing:
+                    self._journal_failing = True
+                    self.log(
+                        f"vecswim: cannot write the tick journal in {self.directory} ({e}); "
+                        "waiting (no tick runs and nothing is emitted until it can)"
+                    )
+                if stop is not None and stop.wait(1.0):
+                    return False
+                if stop is None:
+                    time.sleep(1.0)
+                continue
+            if self._journal_failing:
+                self._journal_failing = False
+                self.log(f"vecswim: the tick journal in {self.directory} is writable again")
+            return True
 
     def _due(self) -> bool:
         if self.every_ticks and self.engine.tick_id - self._last_tick >= self.every_ticks:
@@ -382,7 +464,14 @@ class Checkpointer:
         t0 = time.perf_counter()
         token = self.source.mark() if hasattr(self.source, "mark") else None
         positions = self.source.positions() if hasattr(self.source, "positions") else {}
-        cap = capture(self.engine, positions, self._buffers)
+        sinks = self._sinks()
+        cap = capture(self.engine, positions, self._buffers, {s.name: s.snapshot() for s in sinks})
+        if self.journal is not None:
+            self.journal.rotate(cap.tick)
+            # a checkpoint taken before the replay ended (stop, time limit): the records
+            # still to replay belong after it
+            for rec in self.replay:
+                self.journal.append(rec["tick"], rec["input"])
         self.pauses.append(time.perf_counter() - t0)
         self._last_time = time.monotonic()
         self._last_tick = self.engine.tick_id
@@ -390,6 +479,9 @@ class Checkpointer:
         def work() -> None:
             t1 = time.perf_counter()
             try:
+                for s in sinks:  # what the checkpoint's sink states cover is durable first
+                    if hasattr(s, "sync"):
+                        s.sync()
                 path = write(cap, self.directory, self.keep)
                 self.bytes.append(
                     sum(
@@ -437,6 +529,10 @@ class Checkpointer:
                     f"{time.monotonic() - self._failing_since:.0f} s; acknowledging resumes"
                 )
                 self._failing = 0
+            if self.journal is not None and not self.keep_journal:
+                kept = list_checkpoints(self.directory)
+                if kept:
+                    self.journal.prune(int(kept[0].name.removeprefix("ckpt-")))
             commit = getattr(self.source, "commit", None)
             if commit is not None:
                 commit(token)
@@ -458,6 +554,8 @@ class Checkpointer:
         failures = self.failures
         self._start()
         self._collect(wait=True)
+        if self.journal is not None:
+            self.journal.close()
         if self.failures > failures:
             raise CheckpointError(
                 f"the final checkpoint could not be written to {self.directory}; a restart "

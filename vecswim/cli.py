@@ -346,6 +346,12 @@ def list_scenarios() -> None:
     show_default=True,
     help="Complete checkpoints kept; older ones are removed.",
 )
+@click.option(
+    "--keep-journal",
+    is_flag=True,
+    help="Keep the whole tick journal (every tick's input boundary) in the checkpoint "
+    "directory instead of what the kept checkpoints need.",
+)
 def run(
     scenario: str,
     agents: int,
@@ -383,6 +389,7 @@ def run(
     checkpoint_every: float,
     checkpoint_ticks: int | None,
     checkpoint_keep: int,
+    keep_journal: bool,
 ) -> None:
     """Run SCENARIO on its built-in generator (no broker needed), or on events from Pulsar
     (--pulsar URL --topic T).
@@ -445,6 +452,14 @@ def run(
         from vecswim import pulsar_io
 
         opts = _client_options(auth_token, tls_trust_certs)
+        # Exactly-once output needs a replayable subscription and producer names that stay
+        # the same across restarts (they live with the checkpoints).
+        once = checkpoint_dir is not None and subscription_type in ("exclusive", "failover")
+        producer = None
+        if once:
+            from vecswim import checkpoint
+
+            producer = f"vecswim-{checkpoint.instance_id(checkpoint_dir)}"
         source = pulsar_io.PulsarSource(
             service_url,
             engine.types[mod.EVENT_TYPE],
@@ -457,13 +472,26 @@ def run(
             fmt=fmt or "json",
             key_from=key_from,
             dlq_topic=dlq_topic,
+            dlq_producer_name=producer and f"{producer}-deadletters",
             options=opts,
             resume=(resumed or {}).get("positions"),
             log=lambda m: click.echo(m, err=True),
         )
         engine.dead_letters.add_sink(source.dead_rows)
         if out_topic:
-            engine.add_sink(pulsar_io.PulsarSink(service_url, out_topic, out_format, options=opts))
+            try:
+                out = pulsar_io.PulsarSink(
+                    service_url,
+                    out_topic,
+                    out_format,
+                    options=opts,
+                    producer_name=producer and f"{producer}-emissions",
+                    log=lambda m: click.echo(m, err=True),
+                )
+            except ValueError as e:
+                source.close()
+                raise click.ClickException(str(e)) from None
+            engine.add_sink(out)
         if idle_exit:
             source = _IdleExit(source, idle_exit)
         what = f"events from {service_url} {', '.join(topics) or topic_pattern}"
@@ -497,16 +525,28 @@ def run(
     checkpointer = None
     if checkpoint_dir is not None:
         from vecswim import checkpoint
+        from vecswim.journal import JournalError
 
-        checkpointer = checkpoint.Checkpointer(
-            engine,
-            checkpoint_dir,
-            source,
-            checkpoint_every,
-            checkpoint_ticks,
-            checkpoint_keep,
-            log=lambda m: click.echo(m, err=True),
-        )
+        try:
+            checkpointer = checkpoint.Checkpointer(
+                engine,
+                checkpoint_dir,
+                source,
+                checkpoint_every,
+                checkpoint_ticks,
+                checkpoint_keep,
+                log=lambda m: click.echo(m, err=True),
+                resumed=resumed,
+                keep_journal=keep_journal,
+            )
+        except (ValueError, OSError, JournalError) as e:
+            raise click.ClickException(str(e)) from None
+        if checkpointer.journal is None and (engine.sinks or service_url is not None):
+            click.echo(
+                "vecswim: this source cannot be replayed exactly (generator, or a shared "
+                "subscription): after a restart, output is at-least-once",
+                err=True,
+            )
     # SIGTERM stops at the next tick boundary: final checkpoint, acknowledgements, summary,
     # exit 0. A second SIGTERM ends the process at once (still safe: see docs/FAULTS.md).
     stop = threading.Event()
@@ -624,7 +664,8 @@ def _file_source(engine, event_type: str, files: tuple[str, ...], fmt, resumed):
 
 
 class _IdleExit:
-    """Wraps a source: reports it exhausted after ``idle`` seconds without events."""
+    """Wraps a source: reports it exhausted after ``idle`` seconds without events; everything
+    else is the wrapped source's."""
 
     def __init__(self, source, idle: float) -> None:
         self.source = source
@@ -640,24 +681,13 @@ class _IdleExit:
             return None
         return got
 
-    def commit(self, token: int | None = None):
-        return self.source.commit(token)
+    def replay(self, boundary: dict, timeout: float):
+        got = self.source.replay(boundary, timeout)
+        self.last = time.monotonic()  # waiting for a redelivery is not idleness
+        return got
 
-    def gauges(self) -> dict:
-        return self.source.gauges()
-
-    def mark(self) -> int:
-        return self.source.mark()
-
-    def positions(self) -> dict:
-        return self.source.positions()
-
-    def close(self) -> None:
-        self.source.close()
-
-    @property
-    def counts(self) -> dict:
-        return self.source.counts
+    def __getattr__(self, name: str):
+        return getattr(self.source, name)
 
 
 @cli.command("produce")

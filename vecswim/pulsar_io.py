@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pulsar
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from vecswim import decode
@@ -134,6 +135,7 @@ class PulsarSource:
         fmt: str = "json",
         key_from: str = "payload",
         dlq_topic: str | None = None,
+        dlq_producer_name: str | None = None,
         receiver_queue_size: int | None = None,
         batch_max_messages: int | None = None,
         batch_timeout_ms: int = 5,
@@ -187,6 +189,7 @@ class PulsarSource:
                 self.dlq = (
                     self.client.create_producer(
                         dlq_topic,
+                        producer_name=dlq_producer_name,
                         batching_enabled=True,
                         batching_max_publish_delay_ms=5,
                         block_if_queue_full=True,
@@ -196,12 +199,13 @@ class PulsarSource:
                     else None
                 )
                 break
-            except (*_UNREACHABLE, pulsar.TopicNotFound) as e:
+            except (*_UNREACHABLE, pulsar.TopicNotFound, pulsar.ProducerBusy) as e:
                 self.client.close()
                 waited = time.monotonic() - t0
-                # a broker that just came up may not have its namespaces yet
+                # a broker that just came up may not have its namespaces yet; a killed run's
+                # dead-letter producer holds its name until the broker notices it is gone
                 starting = retried and isinstance(e, pulsar.TopicNotFound)
-                if not starting and not isinstance(e, _UNREACHABLE):
+                if not starting and not isinstance(e, (*_UNREACHABLE, pulsar.ProducerBusy)):
                     raise
                 if connect_retry_for is not None and waited >= connect_retry_for:
                     raise
@@ -231,6 +235,13 @@ class PulsarSource:
         }
         self._last: dict[str, tuple] = {}
         self._covered: dict[str, tuple] = {}
+        # received but not applied yet: beyond a replayed tick's boundary
+        self._held: list = []
+        self._boundary: dict | None = None  # what the last poll applied
+        self._replay_got: list = []  # messages of a replayed tick gathered so far
+        self._replay_waiting = 0.0
+        self._dead_pending: list[tuple[bytes, dict, str | None]] = []
+        self.dlq_seq = _Sequence(self.dlq, resume.get("dlq_seq") if resume else None, self.log)
         if resume:
             self.counts.update(resume.get("counts", {}))
             self._covered = {t: tuple(v) for t, v in resume.get("last", {}).items()}
@@ -242,7 +253,13 @@ class PulsarSource:
         self._lag_ms = 0
 
     # -- polling ------------------------------------------------------------------------------
-    def poll(self, max_events: int, timeout: float) -> dict[str, pa.Table]:
+    @property
+    def replayable(self) -> bool:
+        """Whether a tick's input can be polled again exactly (``replay``): messages arrive
+        in order per topic only on exclusive and failover subscriptions."""
+        return self.ordered
+
+    def _receive(self, max_events: int, timeout: float) -> list:
         deadline = time.monotonic() + timeout
         msgs: list = []
         while len(msgs) < max_events:
@@ -253,59 +270,128 @@ class PulsarSource:
             if self.fmt == "arrow" and msgs:
                 break  # each message holds many events: one receive is a tick's worth
         self._watch_connection(bool(msgs))
-        if not msgs:
-            return {}
-        self._received(msgs)
-        ids = [_position(m) for m in msgs]
-        # Redelivered messages already applied (before a broker reconnect, or covered by the
-        # resumed checkpoint): acknowledged with the rest, not applied again.
-        # In order per topic (exclusive/failover), a redelivery is at or before the last
-        # position applied, even within this poll (a reconnect between two receives).
+        return msgs
+
+    def _fresh(self, msgs: list, floor: dict | None = None) -> tuple[list, list]:
+        """Split ``msgs`` into (new, already applied). In order per topic
+        (exclusive/failover), a redelivery is at or before the last position applied, even
+        within one poll (a reconnect between two receives); otherwise only what the resumed
+        checkpoint covers is recognized."""
+        fresh, old = [], []
         if self.ordered:
-            last = dict(self._last)
-            fresh = []
-            for i, (t, p) in enumerate(ids):
+            last = dict(self._last if floor is None else floor)
+            for m in msgs:
+                t, p = _position(m)
                 if p > last.get(t, (-1,)):
                     last[t] = p
-                    fresh.append(i)
+                    fresh.append(m)
+                else:
+                    old.append(m)
         else:
-            fresh = [i for i, (t, p) in enumerate(ids) if p > self._covered.get(t, (-1,))]
-        if len(fresh) < len(msgs):
-            self.counts["redelivered"] += len(msgs) - len(fresh)
-            msgs = [msgs[i] for i in fresh]
-            ids = [ids[i] for i in fresh]
-            if not msgs:
-                return {}
-        for t, p in ids:
+            for m in msgs:
+                t, p = _position(m)
+                (fresh if p > self._covered.get(t, (-1,)) else old).append(m)
+        return fresh, old
+
+    def poll(self, max_events: int, timeout: float) -> dict[str, pa.Table]:
+        self.release()
+        msgs = self._held + self._receive(max_events, timeout)
+        self._held = []
+        if not msgs:
+            return {}
+        fresh, old = self._fresh(msgs)
+        return self._apply(fresh, old)
+
+    def replay(self, boundary: dict, timeout: float) -> dict[str, pa.Table] | None:
+        """Poll exactly the messages a tick applied before a restart (its ``boundary()``),
+        in the same order; None while the broker has not redelivered all of them yet (call
+        again). Messages past the boundary are kept for the next poll. If the broker no longer
+        has some of them (a gap), the tick applies what it has and this is logged."""
+        self.release()
+        end = {t: tuple(p) for t, p in boundary["end"].items()}
+        msgs = self._held + self._receive(max(1, boundary["n"] - len(self._replay_got)), timeout)
+        self._held = []
+        got = self._replay_got
+        floor = dict(self._last)
+        for t, p in map(_position, got):
+            floor[t] = max(p, floor.get(t, p))
+        fresh, old = self._fresh(msgs, floor)
+        for m in fresh:
+            t, p = _position(m)
+            (got if t in end and p <= end[t] else self._held).append(m)
+        seen = {t: p for t, p in map(_position, got)}
+        past = {_position(m)[0] for m in self._held}
+        done = all(seen.get(t, (-1,)) >= e or t in past for t, e in end.items())
+        if old:  # redeliveries of what the checkpoint covers: acknowledged with this tick
+            self._received(old)
+        if not done:
+            now = time.monotonic()
+            if now - self._replay_waiting >= self.report_every:
+                if self._replay_waiting:
+                    self.log(
+                        f"vecswim: replaying a tick: {len(got):,} of {boundary['n']:,} "
+                        "messages redelivered so far, waiting for the rest"
+                    )
+                self._replay_waiting = now
+            return None
+        self._replay_got, self._replay_waiting = [], 0.0
+        if len(got) != boundary["n"]:
+            self.log(
+                f"vecswim: the broker redelivered {len(got):,} of the {boundary['n']:,} "
+                "messages of a replayed tick (retention or a deleted topic?): its output may "
+                "differ from what was sent before the restart"
+            )
+        return self._apply(got, [])
+
+    def _apply(self, fresh: list, old: list) -> dict[str, pa.Table]:
+        """Decode and count the messages a tick applies; note what to acknowledge."""
+        if not self.single_topic:
+            # Several topics interleave in arrival order, which a replay cannot reproduce:
+            # a tick applies its messages by topic, then position.
+            fresh.sort(key=_position)
+        self._received(old + fresh)
+        if old:
+            self.counts["redelivered"] += len(old)
+        if not fresh:
+            self._boundary = None
+            return {}
+        end: dict[str, tuple] = {}
+        for t, p in map(_position, fresh):
+            end[t] = max(p, end.get(t, p))
             if p > self._last.get(t, (-1,)):
                 self._last[t] = p
-        self.counts["messages"] += len(msgs)
-        payloads = [m.data() for m in msgs]
+        self._boundary = {"end": {t: list(p) for t, p in end.items()}, "n": len(fresh)}
+        self.counts["messages"] += len(fresh)
+        payloads = [m.data() for m in fresh]
         if self.fmt == "json":
-            keys = [m.partition_key() for m in msgs] if self.key_from_message else None
+            keys = [m.partition_key() for m in fresh] if self.key_from_message else None
             table, bad = decode_json(payloads, self.plan, self.max_payload_bytes, keys)
         else:
             table, bad, dead_rows = decode_arrow(payloads, self.plan, self.max_payload_bytes)
             for rows in dead_rows:  # rows of good messages that fail a cast
                 self.dead_rows(0, self.agent_type.name, rows)
         for i, reason in bad:
-            self._dead_message(msgs[i], reason)
+            self._dead_message(fresh[i], reason)
         self.counts["dead_messages"] += len(bad)
         if table is None or table.num_rows == 0:
             return {}
         self.counts["events"] += table.num_rows
         return {self.agent_type.name: table}
 
+    def boundary(self) -> dict | None:
+        """What the last ``poll`` applied (per topic the last position, and the number of
+        messages), for the tick journal; None if it applied nothing."""
+        return self._boundary
+
     def _dead_message(self, msg, reason: str) -> None:
         if self.dlq is None:
             return
         props = {"reason": reason[:1000], "source_message_id": str(msg.message_id())}
-        key = msg.partition_key()
-        self._dlq_sent += 1
-        self.dlq.send_async(msg.data(), self._dlq_done, properties=props, partition_key=key or None)
+        self._dead_pending.append((msg.data(), props, msg.partition_key() or None))
 
     def dead_rows(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
-        """Dead-letter sink for rows the engine rejected after decoding (as JSON rows)."""
+        """Dead-letter sink for rows the engine rejected after decoding (as JSON rows).
+        Published at ``release``."""
         self.counts["dead_rows"] += batch.num_rows
         if self.dlq is None:
             return
@@ -314,8 +400,16 @@ class PulsarSource:
         buf = io.BytesIO()
         body.write_ndjson(buf)
         for line, reason in zip(buf.getvalue().splitlines(), reasons, strict=True):
-            self._dlq_sent += 1
-            self.dlq.send_async(line, self._dlq_done, properties={"reason": reason})
+            self._dead_pending.append((line, {"reason": reason}, None))
+
+    def release(self) -> None:
+        """Publish the dead letters of what was polled so far. The engine calls it once the
+        tick's journal record is durable (dead letters are output too: a replayed tick
+        publishes the same ones under the same sequence ids, which the broker drops)."""
+        pending, self._dead_pending = self._dead_pending, []
+        for data, props, key in pending:
+            if self.dlq_seq.send(data, self._dlq_done, props, key):
+                self._dlq_sent += 1
 
     def _dlq_done(self, res, _msg_id) -> None:
         if res != pulsar.Result.Ok:
@@ -325,6 +419,8 @@ class PulsarSource:
     def _received(self, msgs: list) -> None:
         """Note what to acknowledge for ``msgs`` (ids only: the payloads are not kept, so
         messages waiting for a checkpoint cost a few bytes each) and the lag."""
+        if not msgs:
+            return
         self._polled += len(msgs)
         ids = [msgs[-1].message_id()] if self.cumulative else [m.message_id() for m in msgs]
         self._unacked.append((self._polled, ids))
@@ -376,8 +472,13 @@ class PulsarSource:
         return self._polled
 
     def positions(self) -> dict:
-        """What a checkpoint taken now covers: the last applied message per topic, counters."""
-        return {"last": {t: list(p) for t, p in self._last.items()}, "counts": dict(self.counts)}
+        """What a checkpoint taken now covers: the last applied message per topic, counters,
+        the dead-letter producer's next sequence id."""
+        return {
+            "last": {t: list(p) for t, p in self._last.items()},
+            "counts": dict(self.counts),
+            "dlq_seq": self.dlq_seq.next,
+        }
 
     def commit(self, token: int | None = None, wait: float = 0.2) -> bool:
         """Acknowledge the messages polled before ``token`` (a ``mark()``; default: all
@@ -387,6 +488,7 @@ class PulsarSource:
         has not confirmed every dead letter within ``wait`` seconds, nothing is acknowledged
         and False is returned: a later commit (or ``close``) covers these messages too, and
         the engine never blocks on the broker here."""
+        self.release()
         upto = self._polled if token is None else token
         if upto <= self._acked:
             return True
@@ -485,19 +587,76 @@ def decode_arrow(
     return (tables[0] if len(tables) == 1 else pa.concat_tables(tables)), bad, dead
 
 
+class _Sequence:
+    """Sequence ids for one named producer, so that broker-side deduplication drops what a
+    restored run sends again.
+
+    Pulsar (with deduplication on) remembers the highest sequence id it persisted per
+    producer name, and drops a message at or below it, but it drops a whole producer batch
+    whose first id is at or below it, even if the batch reaches past it. So a restored run
+    does not send what the broker already has: messages up to the broker's
+    ``last_sequence_id()`` are skipped here (counted in ``skipped``), and every batch sent
+    starts above it. ``resume``: the next id at the checkpoint (None: a fresh start, which
+    continues after whatever the broker has for this name). ``producer`` None: no ids, sends
+    nothing."""
+
+    def __init__(self, producer, resume: int | None, log: Callable[[str], None]) -> None:
+        self.producer = producer
+        self.skipped = 0
+        last = producer.last_sequence_id() if producer is not None else -1
+        if resume is None:
+            self.next = last + 1
+            self.upto = -1
+        else:
+            self.next = int(resume)
+            self.upto = last
+            if last < 0 < self.next:
+                log(
+                    f"vecswim: {producer.topic()} has no sequence ids for producer "
+                    f"{producer.producer_name()!r}: broker-side deduplication looks off, so "
+                    "repeats sent after this restart will not be dropped (enable "
+                    "brokerDeduplicationEnabled, or the namespace's or topic's deduplication)"
+                )
+
+    def send(self, payload: bytes, callback, properties: dict, key: str | None) -> bool:
+        """Send with the next sequence id; False if the broker has it already (skipped)."""
+        seq = self.next
+        self.next += 1
+        if seq <= self.upto:
+            self.skipped += 1
+            return False
+        self.producer.send_async(
+            payload, callback, properties=properties, partition_key=key, sequence_id=seq
+        )
+        return True
+
+
 class _Producer:
     """A batching producer whose send errors are collected from the client's callback thread
     and raised by ``flush`` (never swallowed)."""
 
     def __init__(
-        self, service_url: str, topic: str, fmt: str, options: ClientOptions | None
+        self,
+        service_url: str,
+        topic: str,
+        fmt: str,
+        options: ClientOptions | None,
+        producer_name: str | None = None,
     ) -> None:
         if fmt not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
         self.fmt = fmt
         self.client = client(service_url, options)
-        self.producer = self.client.create_producer(
+        if producer_name is not None and len(self.client.get_topic_partitions(topic)) > 1:
+            self.client.close()
+            raise ValueError(
+                f"{topic} is partitioned: exactly-once output needs a non-partitioned topic "
+                "(sequence ids are per producer and partition)"
+            )
+        self.producer = _create_producer(
+            self.client,
             topic,
+            producer_name=producer_name,
             batching_enabled=True,
             batching_max_messages=1000,
             batching_max_allowed_size_in_bytes=1 << 20,
@@ -541,6 +700,13 @@ class PulsarSink(_Producer):
     ``agent_type`` and ``tick``. ``fmt="arrow"``: one Arrow IPC message per agent type per tick
     (up to ``rows_per_message`` rows), key = agent type. Producer batching is on; ``flush``
     waits for every send and raises the first producer error (errors are never swallowed).
+
+    Exactly-once in effect (with a checkpoint directory, see ``vecswim.journal``): give a
+    ``producer_name`` that stays the same across restarts; a restored engine calls ``resume``
+    with what ``snapshot()`` returned at its checkpoint. Messages then carry sequence ids
+    (one per message, counted from the checkpoint), a tick's rows go out in key order, and
+    what the broker already has is not sent again (``_Sequence``); the topic needs
+    broker-side deduplication and must not be partitioned.
     """
 
     def __init__(
@@ -550,14 +716,22 @@ class PulsarSink(_Producer):
         fmt: str = "json",
         rows_per_message: int = 10_000,
         options: ClientOptions | None = None,
+        producer_name: str | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(service_url, topic, fmt, options)
+        super().__init__(service_url, topic, fmt, options, producer_name)
+        self.name = f"pulsar:{topic}"
         self.rows_per_message = rows_per_message
         self.sent = 0
+        self.log = log or (lambda _m: None)
+        self.seq = _Sequence(self.producer, None, self.log) if producer_name is not None else None
 
     def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
         self._raise()
         props = {"agent_type": agent_type, "tick": str(tick)}
+        if self.seq is not None:
+            # a restored engine may find a tick's changed rows in another order
+            batch = batch.take(pc.sort_indices(batch.column(0)))
         if self.fmt == "json":
             keys = [str(k) for k in batch.column(0).to_pylist()]
             buf = io.BytesIO()
@@ -565,15 +739,28 @@ class PulsarSink(_Producer):
                 buf
             )
             for line, key in zip(buf.getvalue().splitlines(), keys, strict=True):
-                self.producer.send_async(line, self._done, properties=props, partition_key=key)
-            self.sent += len(keys)
+                self._send(line, props, key)
         else:
             for off in range(0, batch.num_rows, self.rows_per_message):
                 payload = arrow_payload(batch.slice(off, self.rows_per_message))
-                self.producer.send_async(
-                    payload, self._done, properties=props, partition_key=agent_type
-                )
-                self.sent += 1
+                self._send(payload, props, agent_type)
+
+    def _send(self, payload: bytes, props: dict, key: str) -> None:
+        if self.seq is None:
+            self.producer.send_async(payload, self._done, properties=props, partition_key=key)
+        elif not self.seq.send(payload, self._done, props, key):
+            return
+        self.sent += 1
+
+    def snapshot(self) -> dict:
+        """The sink's part of a checkpoint (taken at a tick boundary, after ``flush``)."""
+        return {"next_seq": self.seq.next if self.seq is not None else None}
+
+    def resume(self, tick: int, state: dict | None) -> None:
+        """Continue the sequence ids of checkpoint ``tick`` (what the broker has already is
+        skipped); without a state (the sink was not in it) they continue the broker's."""
+        if self.seq is not None and state is not None and state.get("next_seq") is not None:
+            self.seq = _Sequence(self.producer, state["next_seq"], self.log)
 
 
 class EventPublisher(_Producer):
@@ -614,6 +801,19 @@ class EventPublisher(_Producer):
         """Send one message as it is (tests of malformed input use this)."""
         self.producer.send_async(payload, self._done, partition_key=key)
         self.messages += 1
+
+
+def _create_producer(cl: pulsar.Client, topic: str, **kwargs):
+    """``create_producer``; a named producer of a killed run keeps its name on the broker
+    until the broker notices the dead connection, so ProducerBusy is retried for a while."""
+    deadline = time.monotonic() + 60.0
+    while True:
+        try:
+            return cl.create_producer(topic, **kwargs)
+        except pulsar.ProducerBusy:
+            if kwargs.get("producer_name") is None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def arrow_payload(batch: pa.RecordBatch | pa.Table) -> bytes:

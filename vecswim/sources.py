@@ -155,6 +155,7 @@ class FileSource:
             start = int(resume["position"])
             self.events = int(resume.get("events", 0))
         self._reader = None
+        self._rows = 0  # rows of the last poll
         if self.index < len(self.paths):
             self._reader = self._open(self.index, start)
         if "ndjson" in self.formats:
@@ -173,16 +174,46 @@ class FileSource:
             return _NDJSONReader(self.paths[i], start, self.chunk_bytes)
         return _ArrowReader(self.paths[i], fmt, start, self.columns, self.chunk_bytes)
 
-    def poll(self, max_events: int, timeout: float) -> Batches | None:
+    replayable = True
+
+    def _read(self, max_events: int) -> pa.Table | pa.RecordBatch | None:
         while self._reader is not None:
             got = self._reader.read(max_events)
             if got is not None:
                 self.events += got.num_rows
-                return {self.agent_type: got}
+                return got
             self._reader.close()
             self.index += 1
             self._reader = self._open(self.index, 0) if self.index < len(self.paths) else None
         return None
+
+    def poll(self, max_events: int, timeout: float) -> Batches | None:
+        got = self._read(max_events)
+        self._rows = 0 if got is None else got.num_rows
+        return None if got is None else {self.agent_type: got}
+
+    def boundary(self) -> dict | None:
+        """What the last ``poll`` read (rows, or NDJSON lines), for the tick journal."""
+        return {"rows": self._rows} if self._rows else None
+
+    def replay(self, boundary: dict, timeout: float) -> Batches:
+        """Read exactly the rows a tick read before a restart (its ``boundary()``). Chunks
+        fall differently after a resume, so this may take several reads. Raises ``ValueError``
+        if the files end first (they changed since)."""
+        need = int(boundary["rows"])
+        parts = []
+        while need > 0:
+            got = self._read(need)
+            if got is None:
+                raise ValueError(
+                    f"the replayed files end {need:,} rows before a tick the journal recorded: "
+                    "they changed since the checkpoint"
+                )
+            parts.append(got if isinstance(got, pa.Table) else pa.Table.from_batches([got]))
+            need -= got.num_rows
+        self._rows = int(boundary["rows"])
+        table = parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="default")
+        return {self.agent_type: table}
 
     def positions(self) -> dict:
         """Where the replay stands (for checkpoints): the files, the current one and the

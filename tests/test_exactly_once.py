@@ -1,0 +1,272 @@
+"""Exactly-once in effect for what leaves the engine: the tick journal, deterministic replay
+after kill -9, file sinks truncated or committed at checkpoints, Pulsar output and dead
+letters deduplicated by the broker (real broker, see test_exactly_once_pulsar below).
+
+The reference for "what an uninterrupted run with the same tick boundaries emits" is built
+from the journal the chaos run kept (``--keep-journal``): a fresh engine runs each journaled
+tick once, with its tick id and exactly its input, into a MemorySink. Its final state is
+also checked against the scenario's plain-Python reference model over all events.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from vecswim.scenarios import engines, setup
+
+import vecswim as vs
+from tests.helpers import canon_value, final_state_matches
+from vecswim import checkpoint, journal
+from vecswim.sinks import MemorySink, NDJSONSink, ParquetSink
+from vecswim.sources import FileSource
+
+ENGINE_COLS = ["engine_temp", "fan_temp", "coolant_vol", "status"]
+FLEET_COLS = ["engines", "mean_engine_temp", "max_engine_temp", "red_engines"]
+EXE = str(Path(sys.executable).parent / "vecswim")
+
+
+# -- the journal ------------------------------------------------------------------------------
+def test_journal_round_trip_torn_tail_and_segments(tmp_path):
+    j = journal.TickJournal(tmp_path)
+    assert j.open(0) == []
+    j.append(1, {"rows": 5})
+    j.append(3, None)
+    j.rotate(3)
+    j.append(4, {"rows": 7})
+    j.close()
+    seg = tmp_path / "journal" / "ticks-000000000003.log"
+    with open(seg, "ab") as fh:
+        fh.write(b'{"tick":5,"input":{"ro')  # killed mid-write
+    j = journal.TickJournal(tmp_path)
+    assert j.open(0) == [
+        {"tick": 1, "input": {"rows": 5}},
+        {"tick": 3, "input": None},
+        {"tick": 4, "input": {"rows": 7}},
+    ]
+    assert seg.read_bytes().endswith(b"\n")  # the torn record is gone
+    j.append(5, {"rows": 1})
+    j.close()
+    # a restore from checkpoint 3 replays what came after it, from its segment on
+    assert [r["tick"] for r in journal.TickJournal(tmp_path).open(3)] == [4, 5]
+    j = journal.TickJournal(tmp_path)
+    j.open(3)
+    j.prune(3)
+    assert [p.name for p in sorted((tmp_path / "journal").iterdir())] == ["ticks-000000000003.log"]
+
+
+def test_journal_corrupt_record_before_the_end_is_an_error(tmp_path):
+    j = journal.TickJournal(tmp_path)
+    j.open(0)
+    j.append(1, {"rows": 5})
+    j.append(2, {"rows": 6})
+    j.close()
+    seg = tmp_path / "journal" / "ticks-000000000000.log"
+    data = bytearray(seg.read_bytes())
+    data[10] ^= 1
+    seg.write_bytes(bytes(data))
+    with pytest.raises(journal.JournalError, match="corrupt record at byte 0"):
+        journal.TickJournal(tmp_path).open(0)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def journal_records(ckdir: Path) -> list[dict]:
+    """Every tick the journal ever recorded (all segments kept); a tick recorded twice
+    (re-appended after a checkpoint inside a replay) must have the same input."""
+    seen: dict[int, object] = {}
+    for seg in sorted((ckdir / "journal").glob("ticks-*.log")):
+        for line in seg.read_bytes().splitlines(keepends=True):
+            rec = journal._parse(line)
+            assert rec is not None, f"{seg.name}: a bad record was left behind"
+            if rec["tick"] in seen:
+                assert seen[rec["tick"]] == rec["input"], rec["tick"]
+            seen[rec["tick"]] = rec["input"]
+    return [{"tick": t, "input": seen[t]} for t in sorted(seen)]
+
+
+def replay_reference(agents: int, source, records: list[dict]) -> tuple[vs.Engine, MemorySink]:
+    """A fresh engine (set up as ``vecswim run engines`` does) running each journaled tick
+    once, with its id and exactly its input."""
+    eng = engines.build_engine(agents)
+    setup(eng, engines.Generator(agents, seed=0))
+    sink = MemorySink()
+    eng.add_sink(sink)
+    for rec in records:
+        events = {}
+        if rec["input"] is not None:
+            deadline = time.monotonic() + 60
+            while (events := source.replay(rec["input"], 0.05)) is None:
+                assert time.monotonic() < deadline, f"tick {rec['tick']} never came back"
+        eng.skip_to(rec["tick"] - 1)
+        eng.tick(events)
+    return eng, sink
+
+
+def row_multiset(tables: dict[str, pa.Table]) -> list[tuple]:
+    """Every emitted row as (agent_type, key, tick, values...) with exact values, sorted."""
+    rows = []
+    for at, t in tables.items():
+        cols = [c for c in t.column_names if c != "agent_type"]
+        for r in t.select(cols).to_pylist():
+            rows.append((at, *(canon_value(r[c]) for c in cols)))
+    return sorted(rows, key=repr)
+
+
+def memory_tables(sink: MemorySink) -> dict[str, pa.Table]:
+    return {at: sink.table(at) for at in sink.batches}
+
+
+def kill_and_restart(cmd: list[str], kills: int, seed: int, window: tuple[float, float]) -> int:
+    """Start ``cmd``, SIGKILL it after a random time in ``window`` once it is running,
+    ``kills`` times; returns how many kills hit a live process."""
+    rng = random.Random(seed)
+    hit = 0
+    for _ in range(kills):
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        for line in p.stderr:
+            if line.startswith("vecswim: running"):
+                break
+        time.sleep(rng.uniform(*window))
+        if p.poll() is None:
+            hit += 1
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    return hit
+
+
+def engines_ndjson(path: Path, agents: int, batches: int, size: int, bad_every: int) -> list:
+    """An NDJSON event file of the engines scenario with a malformed line every
+    ``bad_every`` lines; returns the good batches (for the reference model)."""
+    gen = engines.Generator(agents, seed=5, relink=0.0)
+    good = [gen.make(size)["engine"] for _ in range(batches)]
+    with open(path, "wb") as fh:
+        for b in good:
+            lines = pl.from_arrow(b).write_ndjson().splitlines(keepends=True)
+            for i in range(0, len(lines), bad_every):
+                fh.write("".join(lines[i : i + bad_every]).encode())
+                fh.write(b'{"engine_id": 3, "engine_temp": "hot"}\n')
+    return good
+
+
+# -- file sinks across kill -9 ----------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["ndjson", "parquet"])
+def test_file_output_exactly_once_across_kill_9(tmp_path, fmt):
+    """`vecswim run --file` with checkpoints, SIGKILLed at 10 random instants and restarted:
+    the output file holds exactly the rows of one pass over the journaled ticks (none torn,
+    none repeated, none missing), and the final state equals the reference model."""
+    agents = 4000
+    good = engines_ndjson(tmp_path / "in.ndjson", agents, 40, 2500, 700)
+    ckdir = tmp_path / "ck"
+    out = tmp_path / f"out.{fmt}"
+    cmd = [
+        EXE, "run", "engines", "--agents", str(agents), "--file", str(tmp_path / "in.ndjson"),
+        "--checkpoint-dir", str(ckdir), "--checkpoint-ticks", "9", "--max-events", "400",
+        "--emit", str(out), "--keep-journal", "--no-sql", "--quiet",
+    ]  # fmt: skip
+    hit = kill_and_restart(cmd, 10, seed=7, window=(0.05, 0.8))
+    assert hit >= 5, "the run ended before most kills"
+    final = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+
+    records = journal_records(ckdir)
+    src = FileSource(tmp_path / "in.ndjson", "engine")
+    ref_eng, ref_sink = replay_reference(agents, src, records)
+    if fmt == "ndjson":
+        ref_tables = memory_tables(ref_sink)
+        lines = [json.loads(line) for line in out.read_text().splitlines()]
+        per_type = {
+            at: pa.Table.from_pylist([r for r in lines if r["agent_type"] == at])
+            .select(t.column_names)
+            .cast(t.schema)
+            for at, t in ref_tables.items()
+        }
+    else:
+        assert not list(tmp_path.glob("out.*.parquet/*.tmp"))
+        per_type = {
+            at: pq.read_table(out.with_name(f"out.{at}.parquet")) for at in ("engine", "fleet")
+        }
+    assert row_multiset(per_type) == row_multiset(memory_tables(ref_sink))
+
+    eng = engines.build_engine(agents)
+    checkpoint.restore(eng, ckdir, log=lambda m: None)
+    ref = engines.Reference()
+    for b in good:
+        ref.tick({"engine": b})
+    final_state_matches(eng, ref.engines, "engine", ENGINE_COLS)
+    final_state_matches(eng, ref.fleets, "fleet", FLEET_COLS)
+    final_state_matches(ref_eng, ref.engines, "engine", ENGINE_COLS)
+
+
+def test_ndjson_sink_resume_truncates_to_the_checkpoint(tmp_path):
+    path = tmp_path / "o.ndjson"
+    s = NDJSONSink(path)
+    s.write(1, "a", pa.record_batch({"k": [1], "tick": [1]}))
+    state = s.snapshot()
+    s.write(2, "a", pa.record_batch({"k": [2], "tick": [2]}))
+    s.close()
+    with open(path, "ab") as fh:
+        fh.write(b'{"k":3,"ti')  # torn by a kill
+    s = NDJSONSink(path)
+    s.resume(1, state)
+    s.write(2, "a", pa.record_batch({"k": [2], "tick": [2]}))
+    s.close()
+    assert path.read_text().splitlines() == [
+        '{"k":1,"tick":1,"agent_type":"a"}',
+        '{"k":2,"tick":2,"agent_type":"a"}',
+    ]
+    path.write_text("")
+    with pytest.raises(ValueError, match="changed outside vecswim"):
+        NDJSONSink(path).resume(1, state)
+
+
+def test_parquet_sink_parts_commit_at_checkpoints(tmp_path):
+    s = ParquetSink(tmp_path / "o.parquet")
+    s.write(3, "a", pa.record_batch({"k": [1], "tick": [3]}))
+    s.write(5, "a", pa.record_batch({"k": [2], "tick": [5]}))
+    s.snapshot()
+    s.sync()
+    s.write(8, "a", pa.record_batch({"k": [3], "tick": [8]}))  # then killed: part stays .tmp
+    folder = tmp_path / "o.a.parquet"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["part-000000000003-000000000005.parquet", "part-000000000008.parquet.tmp"]
+    s2 = ParquetSink(tmp_path / "o.parquet")
+    s2.resume(5, {})
+    assert sorted(p.name for p in folder.iterdir()) == ["part-000000000003-000000000005.parquet"]
+    s2.write(8, "a", pa.record_batch({"k": [3], "tick": [8]}))
+    s2.close()
+    assert pq.read_table(folder).column("k").to_pylist() == [1, 2, 3]
+    # a new run without a checkpoint starts a new dataset
+    s3 = ParquetSink(tmp_path / "o.parquet")
+    s3.write(1, "a", pa.record_batch({"k": [9], "tick": [1]}))
+    s3.close()
+    assert pq.read_table(folder).column("k").to_pylist() == [9]
+
+
+def test_emissions_table_exists_before_the_first_emission():
+    eng = engines.build_engine(10)
+    got = eng.sql("SELECT count(*) AS n FROM emissions_engine").column("n").to_pylist()
+    assert got == [0]
+    cols = eng.sql("SELECT * FROM emissions_fleet").column_names
+    assert cols[:2] == ["fleet_id", "tick"]
+    eng.tick({"engine": engines.Generator(10, seed=1).make(5)["engine"]})
+    assert eng.sql("SELECT count(*) AS n FROM emissions_engine").column("n")[0].as_py() > 0
+
+
+def test_skip_to_advances_tick_ids_only_forward():
+    eng = engines.build_engine(10)
+    eng.skip_to(41)
+    assert eng.tick({}).tick == 42
+    eng.skip_to(5)
+    assert eng.tick_id == 42
+    assert eng.totals["ticks"] == 42
+    assert np.all(eng.state("engine").num_rows == 0)

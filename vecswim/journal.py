@@ -1,0 +1,156 @@
+"""The tick journal: what each tick since the last checkpoint consumed, durable before that
+tick's output leaves the engine.
+
+Why: emissions and dead letters that a killed run sent after its last checkpoint must be sent
+again *identically* by the restored run, so that a broker (Pulsar deduplication by producer
+name and sequence id) or a file sink (truncated to the checkpoint) can drop the repeats. A
+tick's output is a function of the state before it and of exactly which input it consumed;
+the state comes from the checkpoint, and the journal says which input: one record per tick
+that consumed any, written and fsynced after the poll and before the tick runs. A restored
+engine replays the records after its checkpoint with the same tick ids and the same
+boundaries, then goes on live.
+
+Layout: ``DIR/journal/ticks-<base>.log``, one segment per checkpoint, holding the records of
+ticks after checkpoint ``base``. A record is one line ``<json>\\t<crc32 hex>\\n``; a torn or
+corrupt last line (kill -9 mid-write) is cut off when the journal is opened: its tick's
+output never left, since output waits for the record to be durable.
+
+Cost: one ``write`` + ``fdatasync`` of ~100 bytes per tick with input (0.17 ms p50 on the
+development VM's disk), none per event.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+
+class JournalError(Exception):
+    """The journal cannot be read; the message says which file and why."""
+
+
+def _frame(record: dict) -> bytes:
+    body = json.dumps(record, separators=(",", ":"))
+    return f"{body}\t{zlib.crc32(body.encode()):08x}\n".encode()
+
+
+def _parse(line: bytes) -> dict | None:
+    """The record of one complete line, None if it is torn or corrupt."""
+    body, sep, crc = line.rstrip(b"\n").rpartition(b"\t")
+    if not sep or not line.endswith(b"\n"):
+        return None
+    try:
+        if int(crc, 16) != zlib.crc32(body):
+            return None
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+class TickJournal:
+    """Append-only records ``{"tick": t, "input": <source boundary>}`` under ``directory``.
+
+    ``open(after)`` returns the records of ticks after checkpoint tick ``after`` to replay,
+    and positions appends after them. ``append`` is durable when it returns (``fdatasync``);
+    an ``OSError`` (disk full, read-only) propagates and nothing is written. ``rotate(tick)``
+    starts the segment of a checkpoint at ``tick``; ``prune(oldest)`` removes segments that no
+    kept checkpoint needs.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory) / "journal"
+        self._fh = None
+        self._base: int | None = None
+        self.appended = 0
+
+    def _segments(self) -> list[tuple[int, Path]]:
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.glob("ticks-*.log"):
+            try:
+                found.append((int(p.stem.removeprefix("ticks-")), p))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def open(self, after: int) -> list[dict]:
+        """The records of ticks after ``after`` (the restored checkpoint's tick, 0 for an
+        empty start), in tick order; later appends go after them. A torn last line is cut
+        off; a corrupt line elsewhere raises :class:`JournalError`."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        segs = [(b, p) for b, p in self._segments() if b >= after]
+        records: list[dict] = []
+        for i, (_, path) in enumerate(segs):
+            data = path.read_bytes()
+            good = 0
+            for line in data.splitlines(keepends=True):
+                rec = _parse(line)
+                if rec is None:
+                    if i == len(segs) - 1 and good + len(line) == len(data):
+                        break  # torn by a kill mid-write: that tick's output never left
+                    raise JournalError(f"{path}: corrupt record at byte {good}")
+                good += len(line)
+                if rec["tick"] > after and (not records or rec["tick"] > records[-1]["tick"]):
+                    records.append(rec)
+            if good < len(data):
+                with open(path, "r+b") as fh:
+                    fh.truncate(good)
+                    os.fsync(fh.fileno())
+        # Segments before ``after`` belong to older checkpoints; appends go to the newest
+        # segment at or after it (or a new one based at ``after``).
+        base = segs[-1][0] if segs else after
+        self._switch(base)
+        return records
+
+    def _switch(self, base: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        path = self.dir / f"ticks-{base:012d}.log"
+        existed = path.exists()
+        self._fh = open(path, "ab")  # noqa: SIM115 - closed by close()/_switch()
+        self._base = base
+        if not existed:
+            fd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def append(self, tick: int, boundary: dict) -> None:
+        """Make ``{"tick": tick, "input": boundary}`` durable (write + fdatasync)."""
+        if self._fh is None:
+            raise JournalError("the journal is not open")
+        rec = _frame({"tick": tick, "input": boundary})
+        pos = self._fh.tell()
+        try:
+            self._fh.write(rec)
+            self._fh.flush()
+            os.fdatasync(self._fh.fileno())
+        except OSError:
+            # leave no partial record behind for the next append to follow
+            try:
+                self._fh.truncate(pos)
+                self._fh.seek(pos)
+            except OSError:
+                pass
+            raise
+        self.appended += 1
+
+    def rotate(self, tick: int) -> None:
+        """Start the segment of the checkpoint captured at ``tick`` (later ticks go there)."""
+        if self._base != tick:
+            self._switch(tick)
+
+    def prune(self, oldest: int) -> None:
+        """Remove segments of checkpoints older than ``oldest`` (the oldest one kept)."""
+        for base, path in self._segments():
+            if base < oldest and base != self._base:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
