@@ -395,9 +395,6 @@ class Checkpointer:
         # restored checkpoint, and the journal replays the ticks that produced it.
         tick = 0 if resumed is None else resumed["tick"]
         states = (resumed or {}).get("sinks", {})
-        for s in self._sinks():
-            if hasattr(s, "resume"):
-                s.resume(tick, states.get(s.name))
         self.journal: TickJournal | None = None
         # records still to replay, consumed by Engine.run
         self.replay: deque[dict] = deque()
@@ -406,6 +403,23 @@ class Checkpointer:
         if journal and getattr(source, "replayable", False):
             self.journal = TickJournal(self.directory)
             self.replay = deque(self.journal.open(tick))
+            if resumed is None:
+                # An empty start: where output began is in the journal's start record (an
+                # earlier empty start that was killed before its first checkpoint wrote it),
+                # or this start writes it before any output leaves.
+                start = self.journal.start
+                if start is None:
+                    start = {
+                        "sinks": {s.name: s.snapshot() for s in self._sinks()},
+                        "source": source.positions() if hasattr(source, "positions") else {},
+                    }
+                    self.journal.append(0, None, **start)
+                states = start["sinks"]
+                if hasattr(source, "resume_output"):
+                    source.resume_output(start["source"])
+        for s in self._sinks():
+            if hasattr(s, "resume"):
+                s.resume(tick, states.get(s.name))
             if self.replay:
                 log(
                     f"vecswim: replaying {len(self.replay):,} journaled tick"

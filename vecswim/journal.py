@@ -53,10 +53,12 @@ class TickJournal:
     """Append-only records ``{"tick": t, "input": <source boundary>}`` under ``directory``.
 
     ``open(after)`` returns the records of ticks after checkpoint tick ``after`` to replay,
-    and positions appends after them. ``append`` is durable when it returns (``fdatasync``);
-    an ``OSError`` (disk full, read-only) propagates and nothing is written. ``rotate(tick)``
-    starts the segment of a checkpoint at ``tick``; ``prune(oldest)`` removes segments that no
-    kept checkpoint needs.
+    and positions appends after them. An empty start (``after`` 0) also finds the *start
+    record* (tick 0, ``start``) an earlier empty start wrote: where its output began (sink
+    states, the dead-letter sequence), since no checkpoint holds that. ``append`` is durable
+    when it returns (``fdatasync``); an ``OSError`` (disk full, read-only) propagates and
+    nothing is written. ``rotate(tick)`` starts the segment of a checkpoint at ``tick``;
+    ``prune(oldest)`` removes segments that no kept checkpoint needs.
     """
 
     def __init__(self, directory: str | Path) -> None:
@@ -64,6 +66,7 @@ class TickJournal:
         self._fh = None
         self._base: int | None = None
         self.appended = 0
+        self.start: dict | None = None  # the start record of an empty start (tick 0)
 
     def _segments(self) -> list[tuple[int, Path]]:
         if not self.dir.is_dir():
@@ -93,7 +96,9 @@ class TickJournal:
                         break  # torn by a kill mid-write: that tick's output never left
                     raise JournalError(f"{path}: corrupt record at byte {good}")
                 good += len(line)
-                if rec["tick"] > after and (not records or rec["tick"] > records[-1]["tick"]):
+                if rec["tick"] == 0 and after == 0:
+                    self.start = rec
+                elif rec["tick"] > after and (not records or rec["tick"] > records[-1]["tick"]):
                     records.append(rec)
             if good < len(data):
                 with open(path, "r+b") as fh:
@@ -119,11 +124,11 @@ class TickJournal:
             finally:
                 os.close(fd)
 
-    def append(self, tick: int, boundary: dict) -> None:
-        """Make ``{"tick": tick, "input": boundary}`` durable (write + fdatasync)."""
+    def append(self, tick: int, boundary: dict | None, **extra) -> None:
+        """Make ``{"tick": tick, "input": boundary, **extra}`` durable (write + fdatasync)."""
         if self._fh is None:
             raise JournalError("the journal is not open")
-        rec = _frame({"tick": tick, "input": boundary})
+        rec = _frame({"tick": tick, "input": boundary, **extra})
         pos = self._fh.tell()
         try:
             self._fh.write(rec)

@@ -187,11 +187,12 @@ class PulsarSource:
                 self.consumer = self.client.subscribe(topic, subscription, **subscribe)
                 # a dead letter waits for the broker instead of failing after a timeout
                 self.dlq = (
-                    self.client.create_producer(
+                    _create_producer(
+                        self.client,
                         dlq_topic,
                         producer_name=dlq_producer_name,
-                        batching_enabled=True,
-                        batching_max_publish_delay_ms=5,
+                        # each dead letter its own entry: judged per sequence id (_Sequence)
+                        batching_enabled=False,
                         block_if_queue_full=True,
                         send_timeout_millis=0,
                     )
@@ -241,7 +242,9 @@ class PulsarSource:
         self._replay_got: list = []  # messages of a replayed tick gathered so far
         self._replay_waiting = 0.0
         self._dead_pending: list[tuple[bytes, dict, str | None]] = []
-        self.dlq_seq = _Sequence(self.dlq, resume.get("dlq_seq") if resume else None, self.log)
+        self.dlq_seq = _Sequence(
+            self.dlq, resume.get("dlq_seq") if resume else None, self.log, batched=False
+        )
         if resume:
             self.counts.update(resume.get("counts", {}))
             self._covered = {t: tuple(v) for t, v in resume.get("last", {}).items()}
@@ -295,6 +298,7 @@ class PulsarSource:
 
     def poll(self, max_events: int, timeout: float) -> dict[str, pa.Table]:
         self.release()
+        self._boundary = None
         msgs = self._held + self._receive(max_events, timeout)
         self._held = []
         if not msgs:
@@ -402,14 +406,19 @@ class PulsarSource:
         for line, reason in zip(buf.getvalue().splitlines(), reasons, strict=True):
             self._dead_pending.append((line, {"reason": reason}, None))
 
+    def resume_output(self, positions: dict) -> None:
+        """Number dead letters on from ``positions()`` as an earlier empty start recorded
+        them (the tick journal's start record), so that its repeats are dropped too."""
+        if positions.get("dlq_seq") is not None and self.dlq is not None:
+            self.dlq_seq = _Sequence(self.dlq, positions["dlq_seq"], self.log, batched=False)
+
     def release(self) -> None:
         """Publish the dead letters of what was polled so far. The engine calls it once the
         tick's journal record is durable (dead letters are output too: a replayed tick
         publishes the same ones under the same sequence ids, which the broker drops)."""
         pending, self._dead_pending = self._dead_pending, []
-        for data, props, key in pending:
-            if self.dlq_seq.send(data, self._dlq_done, props, key):
-                self._dlq_sent += 1
+        if pending:
+            self._dlq_sent += self.dlq_seq.send_group(pending, self._dlq_done)
 
     def _dlq_done(self, res, _msg_id) -> None:
         if res != pulsar.Result.Ok:
@@ -591,21 +600,35 @@ class _Sequence:
     """Sequence ids for one named producer, so that broker-side deduplication drops what a
     restored run sends again.
 
-    Pulsar (with deduplication on) remembers the highest sequence id it persisted per
-    producer name, and drops a message at or below it, but it drops a whole producer batch
-    whose first id is at or below it, even if the batch reaches past it. So a restored run
-    does not send what the broker already has: messages up to the broker's
-    ``last_sequence_id()`` are skipped here (counted in ``skipped``), and every batch sent
-    starts above it. ``resume``: the next id at the checkpoint (None: a fresh start, which
-    continues after whatever the broker has for this name). ``producer`` None: no ids, sends
-    nothing."""
+    Pulsar (with deduplication on) admits a message only if its sequence id is above the
+    highest one it took from that producer name, but it judges a producer *batch* by its
+    first id alone: a batch that starts at or below that mark is dropped whole, even the
+    part of it that reaches past the mark (measured on Pulsar 4.0.7). And the mark a
+    restarted producer is told (``last_sequence_id()``) can lag behind batches of the killed
+    run that were still in flight (measured: 2,001 repeats over 5 kills when a restart
+    resumed mid-batch). So messages go out in *groups* (a tick's emissions) whose batch
+    boundaries are the same in every run: a group is flushed at its end, batches are cut
+    only by message count and bytes, never by a timer (``_Producer`` sets the delay to an
+    hour), and a restored run skips a group only when all of it is at or below the mark,
+    otherwise it sends all of it. Every batch then either repeats one the broker has
+    (dropped) or is new (admitted): no repeats, no losses (measured: 0 and 0 over 8 kills).
+    An unbatched producer (``batched=False``) is judged per message, so it may skip a group's
+    prefix.
 
-    def __init__(self, producer, resume: int | None, log: Callable[[str], None]) -> None:
+    ``resume``: the next id at the checkpoint (None: a fresh start, which continues after
+    whatever the broker has for this name, from 1 at least: the Python client sends a message
+    given ``sequence_id=0`` with an id of its own, so a repeated first batch got through)."""
+
+    def __init__(
+        self, producer, resume: int | None, log: Callable[[str], None], batched: bool = True
+    ) -> None:
         self.producer = producer
+        self.batched = batched
         self.skipped = 0
         last = producer.last_sequence_id() if producer is not None else -1
         if resume is None:
-            self.next = last + 1
+            # from 1: the client takes sequence_id=0 for "none given" and numbers it itself
+            self.next = max(last + 1, 1)
             self.upto = -1
         else:
             self.next = int(resume)
@@ -618,17 +641,22 @@ class _Sequence:
                     "brokerDeduplicationEnabled, or the namespace's or topic's deduplication)"
                 )
 
-    def send(self, payload: bytes, callback, properties: dict, key: str | None) -> bool:
-        """Send with the next sequence id; False if the broker has it already (skipped)."""
-        seq = self.next
-        self.next += 1
-        if seq <= self.upto:
-            self.skipped += 1
-            return False
-        self.producer.send_async(
-            payload, callback, properties=properties, partition_key=key, sequence_id=seq
-        )
-        return True
+    def send_group(self, msgs: list[tuple[bytes, dict, str | None]], callback) -> int:
+        """Send ``(payload, properties, key)`` messages with the next sequence ids; returns
+        how many were sent (the rest the broker has already)."""
+        first = self.next
+        self.next += len(msgs)
+        if self.batched:
+            start = len(msgs) if self.next - 1 <= self.upto else 0
+        else:
+            start = min(len(msgs), max(0, self.upto + 1 - first))
+        self.skipped += start
+        for i in range(start, len(msgs)):
+            payload, props, key = msgs[i]
+            self.producer.send_async(
+                payload, callback, properties=props, partition_key=key, sequence_id=first + i
+            )
+        return len(msgs) - start
 
 
 class _Producer:
@@ -660,7 +688,9 @@ class _Producer:
             batching_enabled=True,
             batching_max_messages=1000,
             batching_max_allowed_size_in_bytes=1 << 20,
-            batching_max_publish_delay_ms=5,
+            # named (exactly-once) producers: batches are cut by count and bytes and at
+            # ``flush`` only, so they fall the same in a replay (see _Sequence)
+            batching_max_publish_delay_ms=5 if producer_name is None else 3_600_000,
             block_if_queue_full=True,
             max_pending_messages=20_000,
         )
@@ -725,6 +755,7 @@ class PulsarSink(_Producer):
         self.sent = 0
         self.log = log or (lambda _m: None)
         self.seq = _Sequence(self.producer, None, self.log) if producer_name is not None else None
+        self._group: list[tuple[bytes, dict, str | None]] = []
 
     def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None:
         self._raise()
@@ -748,9 +779,17 @@ class PulsarSink(_Producer):
     def _send(self, payload: bytes, props: dict, key: str) -> None:
         if self.seq is None:
             self.producer.send_async(payload, self._done, properties=props, partition_key=key)
-        elif not self.seq.send(payload, self._done, props, key):
-            return
-        self.sent += 1
+            self.sent += 1
+        else:  # sent as one group at the end of the tick
+            self._group.append((payload, props, key))
+
+    def flush(self) -> None:
+        """Send the tick's messages (sequenced sinks), wait until the broker acknowledged
+        everything, raise the first error."""
+        if self._group:
+            group, self._group = self._group, []
+            self.sent += self.seq.send_group(group, self._done)
+        super().flush()
 
     def snapshot(self) -> dict:
         """The sink's part of a checkpoint (taken at a tick boundary, after ``flush``)."""
