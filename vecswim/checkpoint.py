@@ -480,18 +480,25 @@ class Checkpointer:
         positions = self.source.positions() if hasattr(self.source, "positions") else {}
         sinks = self._sinks()
         cap = capture(self.engine, positions, self._buffers, {s.name: s.snapshot() for s in sinks})
+        failed = None
         if self.journal is not None:
-            self.journal.rotate(cap.tick)
-            # a checkpoint taken before the replay ended (stop, time limit): the records
-            # still to replay belong after it
-            for rec in self.replay:
-                self.journal.append(rec["tick"], rec["input"])
+            try:
+                self.journal.rotate(cap.tick)
+                # a checkpoint taken before the replay ended (stop, time limit): the records
+                # still to replay belong after it
+                for rec in self.replay:
+                    self.journal.append(rec["tick"], rec["input"])
+            except OSError as e:  # the checkpoint fails like a failed write
+                failed = e
         self.pauses.append(time.perf_counter() - t0)
         self._last_time = time.monotonic()
         self._last_tick = self.engine.tick_id
 
         def work() -> None:
             t1 = time.perf_counter()
+            if failed is not None:
+                self._error = failed
+                return
             try:
                 for s in sinks:  # what the checkpoint's sink states cover is durable first
                     if hasattr(s, "sync"):

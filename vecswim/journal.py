@@ -21,6 +21,7 @@ development VM's disk), none per event.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zlib
@@ -63,7 +64,7 @@ class TickJournal:
 
     def __init__(self, directory: str | Path) -> None:
         self.dir = Path(directory) / "journal"
-        self._fh = None
+        self._path: Path | None = None
         self._base: int | None = None
         self.appended = 0
         self.start: dict | None = None  # the start record of an empty start (tick 0)
@@ -111,37 +112,35 @@ class TickJournal:
         return records
 
     def _switch(self, base: int) -> None:
-        if self._fh is not None:
-            self._fh.close()
         path = self.dir / f"ticks-{base:012d}.log"
-        existed = path.exists()
-        self._fh = open(path, "ab")  # noqa: SIM115 - closed by close()/_switch()
-        self._base = base
-        if not existed:
+        if not path.exists():
+            path.touch()
             fd = os.open(self.dir, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        self._path = path
+        self._base = base
 
     def append(self, tick: int, boundary: dict | None, **extra) -> None:
-        """Make ``{"tick": tick, "input": boundary, **extra}`` durable (write + fdatasync)."""
-        if self._fh is None:
+        """Make ``{"tick": tick, "input": boundary, **extra}`` durable (write + fdatasync).
+        The segment is opened for each append (a few microseconds) so that no file stays
+        open for writing between ticks: a filesystem can be remounted read-only."""
+        if self._path is None:
             raise JournalError("the journal is not open")
         rec = _frame({"tick": tick, "input": boundary, **extra})
-        pos = self._fh.tell()
-        try:
-            self._fh.write(rec)
-            self._fh.flush()
-            os.fdatasync(self._fh.fileno())
-        except OSError:
-            # leave no partial record behind for the next append to follow
+        with open(self._path, "ab") as fh:
+            pos = fh.tell()
             try:
-                self._fh.truncate(pos)
-                self._fh.seek(pos)
+                fh.write(rec)
+                fh.flush()
+                os.fdatasync(fh.fileno())
             except OSError:
-                pass
-            raise
+                # leave no partial record behind for the next append to follow
+                with contextlib.suppress(OSError):
+                    fh.truncate(pos)
+                raise
         self.appended += 1
 
     def rotate(self, tick: int) -> None:
@@ -156,6 +155,4 @@ class TickJournal:
                 path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._path = None
