@@ -14,8 +14,10 @@ import json
 import math
 import re
 import struct
+import time
 
 import numpy as np
+import pulsar
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
@@ -407,113 +409,50 @@ def test_zero_and_two_object_payloads_next_to_each_other_never_shift_rows():
     ]
 
 
-# -- the Pulsar source end to end, on a fake client (no broker) ------------------------------
-class _Id:
-    def __init__(self, i):
-        self.i = i
+# -- the Pulsar source end to end, on the real broker --------------------------------------
+@pytest.mark.pulsar
+def test_pulsar_source_pairs_message_keys_and_dead_letters_bad_payloads(pulsar_broker):
+    """On a real broker: two JSON objects in one message next to a whitespace-only one, an
+    uncastable value: each bad message is dead-lettered with its reason and its own key, and
+    the good rows keep their own message keys."""
+    import uuid
 
-    def ledger_id(self):
-        return 1
-
-    def entry_id(self):
-        return self.i
-
-    def batch_index(self):
-        return -1
-
-    def __str__(self):
-        return f"1:{self.i}"
-
-
-class _Msg:
-    def __init__(self, i, data, key):
-        self.i, self._data, self._key = i, data, key
-
-    def data(self):
-        return self._data
-
-    def partition_key(self):
-        return self._key
-
-    def message_id(self):
-        return _Id(self.i)
-
-    def topic_name(self):
-        return "t"
-
-    def publish_timestamp(self):
-        return 0
-
-
-class _Consumer:
-    def __init__(self, msgs):
-        self.msgs = msgs
-
-    def batch_receive(self):
-        msgs, self.msgs = self.msgs, []
-        return msgs
-
-    def acknowledge_cumulative(self, m):
-        pass
-
-    def is_connected(self):
-        return True
-
-    def close(self):
-        pass
-
-
-class _Producer:
-    def __init__(self):
-        self.sent = []
-
-    def send_async(self, data, callback, properties=None, partition_key=None):
-        self.sent.append((data, properties, partition_key))
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-class _Client:
-    def __init__(self, msgs):
-        self.consumer = _Consumer(msgs)
-        self.dlq = _Producer()
-
-    def subscribe(self, *a, **k):
-        return self.consumer
-
-    def create_producer(self, *a, **k):
-        return self.dlq
-
-    def close(self):
-        pass
-
-
-def test_pulsar_source_pairs_message_keys_and_dead_letters_bad_payloads(monkeypatch):
+    url = pulsar_broker.service_url
+    t_in = f"persistent://public/default/pairs-{uuid.uuid4().hex[:8]}"
+    t_dlq = f"{t_in}-dlq"
     at = vs.AgentType("a", key="id", columns=[vs.Column("x", "float32", vs.latest("x"))])
     one = b'{"x": 1.0}'
     bodies = [one, one + one, b"   ", b'{"x": 2.0}', b'{"x": "hot"}', one]
-    msgs = [_Msg(i, b, str(10 + i)) for i, b in enumerate(bodies)]
-    fake = _Client(msgs)
-    monkeypatch.setattr(pulsar_io, "client", lambda *a, **k: fake)
+    pub = pulsar_io.EventPublisher(url, t_in, "id")
+    for i, b in enumerate(bodies):
+        pub.send_raw(b, key=str(10 + i))
+    pub.close()
     src = pulsar_io.PulsarSource(
-        "pulsar://x", at, {"x": "float32"}, topics="t", key_from="message", dlq_topic="dlq"
+        url, at, {"x": "float32"}, topics=t_in, key_from="message", dlq_topic=t_dlq
     )
-    got = src.poll(100, 0.01)["a"]
-    assert got.select(["id", "x"]).to_pylist() == [
-        {"id": 10, "x": 1.0},
-        {"id": 13, "x": 2.0},
-        {"id": 15, "x": 1.0},
-    ]
-    assert [(d, p["reason"], k) for d, p, k in fake.dlq.sent] == [
+    rows = []
+    deadline = time.monotonic() + 60
+    while src.counts["messages"] < len(bodies):
+        assert time.monotonic() < deadline, src.counts
+        got = src.poll(100, 0.05)
+        if got:
+            rows += got["a"].select(["id", "x"]).to_pylist()
+    src.commit()  # publishes the dead letters (after the tick, as the engine does)
+    src.close()
+    assert rows == [{"id": 10, "x": 1.0}, {"id": 13, "x": 2.0}, {"id": 15, "x": 1.0}]
+    assert src.counts["events"] + src.counts["dead_messages"] == len(bodies)
+    c = pulsar_io.client(url)
+    reader = c.create_reader(t_dlq, pulsar.MessageId.earliest)
+    dead = []
+    while reader.has_message_available():
+        m = reader.read_next(5000)
+        dead.append((m.data(), m.properties()["reason"], m.partition_key()))
+    c.close()
+    assert dead == [
         (one + one, "more than one JSON value", "11"),
         (b"   ", "empty payload", "12"),
         (b'{"x": "hot"}', "field 'x': cannot convert to float32", "14"),
     ]
-    assert src.counts["events"] + src.counts["dead_messages"] == len(bodies)
 
 
 # -- NDJSON files ----------------------------------------------------------------------------
