@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,10 @@ FORMAT = 1
 
 class CheckpointError(Exception):
     """A checkpoint cannot be used; the message says which and why."""
+
+
+class JournalUnavailable(CheckpointError):
+    """The run was stopped while the tick journal could not be written."""
 
 
 def instance_id(directory: str | Path) -> str:
@@ -399,6 +404,8 @@ class Checkpointer:
         # records still to replay, consumed by Engine.run
         self.replay: deque[dict] = deque()
         self._journal_failing = False
+        self._journal_pool: ThreadPoolExecutor | None = None
+        self._journal_job: tuple | None = None
         self.keep_journal = keep_journal
         if journal and getattr(source, "replayable", False):
             self.journal = TickJournal(self.directory)
@@ -436,30 +443,54 @@ class Checkpointer:
         """The engine's sinks that take part in checkpoints (see ``vecswim.sinks``)."""
         return [s for s in self.engine.sinks if getattr(s, "name", None) and hasattr(s, "snapshot")]
 
-    def journal_append(self, tick: int, boundary: dict, stop=None) -> bool:
-        """Journal what ``tick`` consumes before it runs. While the journal cannot be
-        written (disk full, read-only) the engine waits, retrying every second, logged once:
-        a tick whose input is not journaled must not emit. False if ``stop`` ended the wait
-        (the tick does not run; its input is not acknowledged, so it is polled again)."""
+    def journal_begin(self, tick: int, boundary: dict | None) -> None:
+        """Start making ``tick``'s journal record durable, in the background: the write and
+        fdatasync overlap the tick's own work; ``journal_wait`` ends it before any output."""
+        if self._journal_pool is None:
+            self._journal_pool = ThreadPoolExecutor(1, thread_name_prefix="vecswim-journal")
+        self._journal_job = (
+            tick,
+            boundary,
+            self._journal_pool.submit(self.journal.append, tick, boundary),
+        )
+
+    def journal_wait(self, stop=None) -> None:
+        """Return once the record of ``journal_begin`` is durable. While the journal cannot
+        be written (disk full, read-only) it waits, retrying every second, logged once: the
+        tick has run, but its output must not leave before its input is journaled. If
+        ``stop`` is set meanwhile it raises :class:`JournalUnavailable`; the run then ends
+        without a final checkpoint, and a restart resumes from the last one."""
+        if self._journal_job is None:
+            return
+        tick, boundary, job = self._journal_job
+        self._journal_job = None
+        try:
+            job.result()
+            return
+        except OSError as e:
+            error = e
         while True:
+            if not self._journal_failing:
+                self._journal_failing = True
+                self.log(
+                    f"vecswim: cannot write the tick journal in {self.directory} ({error}); "
+                    "waiting (nothing is emitted until it can)"
+                )
+            if stop is not None and stop.wait(1.0):
+                raise JournalUnavailable(
+                    f"stopped while the tick journal in {self.directory} could not be "
+                    f"written ({error}); a restart resumes from "
+                    f"{newest_name(self.directory) or 'an empty state'}"
+                )
+            if stop is None:
+                time.sleep(1.0)
             try:
                 self.journal.append(tick, boundary)
+                break
             except OSError as e:
-                if not self._journal_failing:
-                    self._journal_failing = True
-                    self.log(
-                        f"vecswim: cannot write the tick journal in {self.directory} ({e}); "
-                        "waiting (no tick runs and nothing is emitted until it can)"
-                    )
-                if stop is not None and stop.wait(1.0):
-                    return False
-                if stop is None:
-                    time.sleep(1.0)
-                continue
-            if self._journal_failing:
-                self._journal_failing = False
-                self.log(f"vecswim: the tick journal in {self.directory} is writable again")
-            return True
+                error = e
+        self._journal_failing = False
+        self.log(f"vecswim: the tick journal in {self.directory} is writable again")
 
     def _due(self) -> bool:
         if self.every_ticks and self.engine.tick_id - self._last_tick >= self.every_ticks:
@@ -577,6 +608,8 @@ class Checkpointer:
         self._collect(wait=True)
         if self.journal is not None:
             self.journal.close()
+        if self._journal_pool is not None:
+            self._journal_pool.shutdown()
         if self.failures > failures:
             raise CheckpointError(
                 f"the final checkpoint could not be written to {self.directory}; a restart "

@@ -171,6 +171,7 @@ class Engine:
         self.gauges: dict[str, int] = {}
         self._scanned = 0
         self._pending_links: list[tuple[str, object, object]] = []
+        self._emit_barrier: Callable[[], None] | None = None  # set by run: journal first
         self._steps = {n: self._compile_rules(at) for n, at in self.types.items()}
         self._fields = {
             n: at.event_fields(via_fields(at, self.types, links)) for n, at in self.types.items()
@@ -361,6 +362,9 @@ class Engine:
                 self._broadcast(self.links[name], tick)
         t2 = time.perf_counter()
         phases["broadcast"] = t2 - t1
+        if self._emit_barrier is not None:
+            barrier, self._emit_barrier = self._emit_barrier, None
+            barrier()
         emitted = self._emit(tick)
         phases["emit"] = time.perf_counter() - t2
         for ls in self.links.values():
@@ -408,8 +412,9 @@ class Engine:
         With the checkpointer's tick journal (a ``replayable`` source), the ticks journaled
         after the restored checkpoint run first, with their tick ids and exactly their input
         (``source.replay``); then every tick with input (``source.boundary()``) or pending
-        links is journaled before it runs, waiting while the journal cannot be written. The
-        source's ``release`` (dead letters) runs once the tick's record is durable."""
+        links is journaled, durably before its output leaves (the write overlaps the tick;
+        while the journal cannot be written the tick waits before emitting). The source's
+        ``release`` (dead letters) runs after the tick."""
         deadline = None if seconds is None else time.monotonic() + seconds
         ticks = 0
         gauges = [
@@ -436,19 +441,17 @@ class Engine:
                     events = source.poll(max_events, tick_ms / 1000.0)
                     if events is None:
                         break
-                    # a tick emits only with input or pending links: journal those ticks
+                    # a tick emits only with input or pending links: journal those ticks,
+                    # durably before the tick's output leaves (the write overlaps the tick)
                     b = source.boundary() if journal is not None else None
-                    if (
-                        (b is not None or self._pending_links)
-                        and journal is not None
-                        and not checkpointer.journal_append(self.tick_id + 1, b, stop)
-                    ):
-                        break
-                if release is not None:
-                    release()
+                    if journal is not None and (b is not None or self._pending_links):
+                        checkpointer.journal_begin(self.tick_id + 1, b)
+                        self._emit_barrier = lambda: checkpointer.journal_wait(stop)
                 for g in gauges:
                     self.gauges.update(g())
                 stats = self.tick(events)
+                if release is not None:
+                    release()
                 for s in self.sinks:
                     s.flush()
                 if checkpointer is not None:
