@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 from vecswim.scenarios import engines, setup
@@ -308,7 +309,8 @@ def test_skip_to_advances_tick_ids_only_forward():
 # -- Pulsar output and dead letters across kill -9 (real broker) -------------------------------
 @pytest.mark.pulsar
 @pytest.mark.slow
-def test_pulsar_output_exactly_once_across_kill_9(pulsar_broker, tmp_path):
+@pytest.mark.parametrize("out_format", ["json", "arrow"])
+def test_pulsar_output_exactly_once_across_kill_9(pulsar_broker, tmp_path, out_format):
     """`vecswim run --pulsar ... --out-topic --dlq-topic` with checkpoints, SIGKILLed at 8
     random instants and restarted. Read back in full, the output topic holds exactly the rows
     of one pass over the journaled ticks (the multiset of an uninterrupted run with the same
@@ -334,7 +336,8 @@ def test_pulsar_output_exactly_once_across_kill_9(pulsar_broker, tmp_path):
     ckdir = tmp_path / "ck"
     cmd = [
         EXE, "run", "engines", "--agents", str(agents), "--pulsar", url, "--topic", t_in,
-        "--out-topic", t_out, "--dlq-topic", t_dlq, "--subscription", "eo",
+        "--out-topic", t_out, "--out-format", out_format, "--dlq-topic", t_dlq,
+        "--subscription", "eo",
         "--checkpoint-dir", str(ckdir), "--checkpoint-every", "0.1", "--max-events", "1500",
         "--tick-ms", "5", "--idle-exit", "3", "--seconds", "600", "--keep-journal",
         "--no-sql", "--quiet",
@@ -356,7 +359,15 @@ def test_pulsar_output_exactly_once_across_kill_9(pulsar_broker, tmp_path):
         src.close()
     ref_tables = memory_tables(ref_sink)
     out = read_all(url, t_out)
-    got = json_tables([m[0] for m in out], ref_tables)
+    if out_format == "json":
+        got = json_tables([m[0] for m in out], ref_tables)
+    else:  # one Arrow IPC stream per agent type per tick, the type in a property
+        got = {
+            at: pa.concat_tables(
+                [ipc.open_stream(m[0]).read_all() for m in out if m[1]["agent_type"] == at]
+            ).cast(t.schema)
+            for at, t in ref_tables.items()
+        }
     assert row_multiset(got) == row_multiset(ref_tables)
     eng = engines.build_engine(agents)
     checkpoint.restore(eng, ckdir, log=lambda m: None)
