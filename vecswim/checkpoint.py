@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from vecswim.journal import TickJournal
+from vecswim.journal import TickJournal, fsync_dir
 from vecswim.kernels import keyindex as kidx
 from vecswim.kernels import links as klinks
 
@@ -53,7 +53,7 @@ def instance_id(directory: str | Path) -> str:
         tmp = root / "instance.tmp"
         tmp.write_text(os.urandom(6).hex())
         os.replace(tmp, path)
-        _fsync_dir(root)
+        fsync_dir(root)
     return path.read_text().strip()
 
 
@@ -162,14 +162,6 @@ def prefault(engine, buffers: dict) -> None:
                 _buffer(buffers, f"{name}/{prefix}{c}", a, len(a)).fill(0)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write(cap: Capture, directory: str | Path, keep: int = 3) -> Path:
     """Write ``cap`` atomically under ``directory`` and drop all but the newest ``keep``
     complete checkpoints. Returns the checkpoint's folder."""
@@ -189,7 +181,7 @@ def write(cap: Capture, directory: str | Path, keep: int = 3) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("ckpt-*.tmp"):
@@ -220,7 +212,7 @@ def _write_files(cap: Capture, tmp: Path) -> None:
         json.dump(manifest, fh, indent=1)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
 
 def newest_name(directory: str | Path) -> str | None:
@@ -353,9 +345,10 @@ class Checkpointer:
     Exactly-once output (``journal``, on by default, for a source that is ``replayable``):
     ``resumed`` is the manifest ``restore`` returned (None: an empty start). The sinks that
     take part (``vecswim.sinks``) resume from their state in it, their snapshots go into every
-    checkpoint, and the tick journal (``vecswim.journal``) records each tick's input before
-    the tick runs (``journal_append``, called by ``Engine.run``); ``replay`` holds the
-    journaled ticks after the restored checkpoint, which ``Engine.run`` runs first.
+    checkpoint, and the tick journal (``vecswim.journal``) records each tick's input, durably
+    before its output leaves (``journal_begin``/``journal_wait``, called by ``Engine.run``);
+    ``replay`` holds the journaled ticks after the restored checkpoint, which ``Engine.run``
+    runs first.
     ``keep_journal``: keep every journal segment (an audit trail of tick boundaries) instead
     of removing those that no kept checkpoint needs.
     """

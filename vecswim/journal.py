@@ -33,6 +33,15 @@ class JournalError(Exception):
     """The journal cannot be read; the message says which file and why."""
 
 
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a created, renamed or removed file) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _frame(record: dict) -> bytes:
     body = json.dumps(record, separators=(",", ":"))
     return f"{body}\t{zlib.crc32(body.encode()):08x}\n".encode()
@@ -116,11 +125,7 @@ class TickJournal:
         path = self.dir / f"ticks-{base:012d}.log"
         if not path.exists():
             path.touch()
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.dir)
         self._path = path
         self._base = base
 

@@ -37,6 +37,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vecswim.journal import fsync_dir
+
 
 class Sink(Protocol):
     def write(self, tick: int, agent_type: str, batch: pa.RecordBatch) -> None: ...
@@ -141,7 +143,7 @@ class ParquetSink:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
 
     def resume(self, tick: int, state: dict | None) -> None:
         """Remove the parts after checkpoint ``tick`` and unfinished ones; keep the rest."""
@@ -247,14 +249,6 @@ class NDJSONSink:
                     errno.EPIPE, f"{self.path}: the reader closed the pipe"
                 ) from e
             raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class RecentEmissions:
