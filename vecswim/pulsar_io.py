@@ -299,8 +299,12 @@ class PulsarSource:
     def poll(self, max_events: int, timeout: float) -> dict[str, pa.Table]:
         self.release()
         self._boundary = None
-        msgs = self._held + self._receive(max_events, timeout)
-        self._held = []
+        msgs, self._held = self._held, []
+        if len(msgs) < max_events:
+            msgs += self._receive(max_events - len(msgs), timeout)
+        if self.fmt == "json" and len(msgs) > max_events:
+            # a batch receive can bring more than the tick takes: the rest waits for the next
+            msgs, self._held = msgs[:max_events], msgs[max_events:]
         if not msgs:
             return {}
         fresh, old = self._fresh(msgs)
