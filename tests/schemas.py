@@ -92,7 +92,7 @@ def columns(draw, n_fields: int) -> tuple[list[vs.Column], dict[str, str]]:
         cols.append(vs.Column(name, dtype, rule, initial=initial, emit=emit))
     fields: dict[str, str] = {}
     for f, rs in readers.items():
-        if len(set(rs)) > 1 and draw(st.integers(0, 5)) > 0:
+        if len(set(rs)) > 1 and draw(st.booleans()):
             # declare a dtype every reader can take when there is one (else: refused)
             ok = [d for d in DTYPES if all(castable(d, r) for r in rs)]
             if ok:
@@ -103,7 +103,7 @@ def columns(draw, n_fields: int) -> tuple[list[vs.Column], dict[str, str]]:
 def _initial(dtype: str):
     kind = np.dtype(dtype).kind
     if kind == "f":
-        return st.sampled_from([0.0, -1.5, 1e6, math.nan])
+        return st.sampled_from([0.0, -1.5, 1e6, math.nan, math.inf, -math.inf])
     if kind == "b":
         return st.sampled_from([0, 1, True])
     info = np.iinfo(dtype)
@@ -125,7 +125,7 @@ def schemas(draw) -> tuple[list[vs.AgentType], list[vs.Link]] | RefusedType:
             return RefusedType(str(e))
         # plain columns that links may aggregate into or broadcast into
         for j in range(draw(st.integers(0, 3))):
-            dtype = draw(st.sampled_from(DTYPES))
+            dtype = draw(st.sampled_from([*DTYPES, "float32", "float32", "float64"]))
             emit = draw(st.sampled_from([False, True, 0.0, 0.5, 3]))
             cols.append(vs.Column(f"p{j}", dtype, emit=emit))
         key_dtype = draw(st.sampled_from(["int64", "string"]))
@@ -157,28 +157,36 @@ def schemas(draw) -> tuple[list[vs.AgentType], list[vs.Link]] | RefusedType:
         ci = draw(st.integers(0, n_types - 2))
         pi = draw(st.integers(ci + 1, n_types - 1))
         child, parent = types[ci], types[pi]
-        free = lambda t, i: [  # noqa: E731
+        free = lambda t, i, initial_ok=False: [  # noqa: E731
             c
             for c in t.columns
             if c.rule is None
-            and c.initial is None
+            and (initial_ok or c.initial is None)
             and (i, c.name) not in claimed
             and all(c.name not in k.outputs for k in t.kernels)
         ]
         aggs = {}
         for pc in draw(
-            st.lists(st.sampled_from(free(parent, pi) or [None]), max_size=3, unique_by=id)
+            # targets with an explicit initial too: refused at declaration (no phantom child)
+            st.lists(st.sampled_from(free(parent, pi, True) or [None]), max_size=3, unique_by=id)
         ):
             if pc is None:
                 continue
             kinds = ["count"] if pc.dtype == "bool" else ["count", "sum"]
             if np.dtype(pc.dtype).kind == "f":
-                kinds += ["mean", "min", "max"]
+                kinds += ["mean", "min", "max", "min", "max"]
             kind = draw(st.sampled_from(kinds))
             if kind == "count":
                 aggs[pc.name] = vs.agg.count()
             else:
-                cc = draw(st.sampled_from(child.columns))
+                floats = [c for c in child.columns if c.np_dtype.kind == "f"]
+                # min/max over float children above all (where +-inf and rounding live),
+                # often wider than the target (compared in the target's dtype)
+                wider = [c for c in child.columns if c.np_dtype.itemsize > pc.np_dtype.itemsize]
+                pick = floats if kind in ("min", "max") and floats else child.columns
+                if kind in ("min", "max") and wider and draw(st.booleans()):
+                    pick = wider
+                cc = draw(st.sampled_from(pick))
                 scale = draw(st.sampled_from([2.0**16, 1.0, 1000.0]))
                 aggs[pc.name] = getattr(vs.agg, kind)(
                     cc.name, **({"scale": scale} if kind in ("sum", "mean") else {})
@@ -225,11 +233,14 @@ def _values(draw, dtype, n: int) -> pa.Array:
         ]
         return pa.array(vals, pa.bool_())
     if dt.kind == "f":
-        pool = [0.0, 1.0, -2.5, 0.1, 3.0, 1e6, -1e-3, 7.25, 1e30]
+        pool = [0.0, 1.0, -2.5, 0.1, 3.0, 1e6, -1e-3, 7.25, 1e30, 3e38, -3e38]
         if bad:
             pool += [math.nan, math.inf, -math.inf, None, 1e300]
+        # float32 fields: values float32 holds exactly; float64: any (rounding shows)
+        width = 32 if dt.itemsize == 4 else 64
         vals = [
-            draw(st.one_of(st.sampled_from(pool), st.floats(-1e4, 1e4, width=32))) for _ in range(n)
+            draw(st.one_of(st.sampled_from(pool), st.floats(-1e4, 1e4, width=width)))
+            for _ in range(n)
         ]
         return pa.array(vals, pa.float64())
     info = np.iinfo(dt)
@@ -254,13 +265,13 @@ def _values(draw, dtype, n: int) -> pa.Array:
 def _keys(draw, key_dtype: str, n: int, pool_size: int) -> pa.Array:
     null = draw(st.integers(0, 6)) == 0
     if key_dtype == "string":
-        pool = STR_KEYS[:pool_size]
+        pool = STR_KEYS[:pool_size] + [f"k{i}" for i in range(pool_size - len(STR_KEYS))]
         vals = [
             None if null and draw(st.integers(0, 4)) == 0 else draw(st.sampled_from(pool))
             for _ in range(n)
         ]
         return pa.array(vals, pa.string())
-    pool = INT_KEYS[:pool_size]
+    pool = INT_KEYS[:pool_size] + list(range(100, 100 + pool_size - len(INT_KEYS)))
     vals = [
         None if null and draw(st.integers(0, 4)) == 0 else draw(st.sampled_from(pool))
         for _ in range(n)
@@ -279,6 +290,8 @@ def ticks(draw, engine: vs.Engine, n_ticks: int | None = None) -> list[tuple[dic
                 continue
             n = draw(st.integers(0, 8))
             pool = draw(st.integers(1, 6))
+            if draw(st.integers(0, 9)) == 0:  # many agents: tables grow past their capacity (16)
+                n, pool = 40, 40
             cols = {at.key: _keys(draw, at.key_dtype, n, pool)}
             for f, dt in engine.event_fields(name).items():
                 if f == at.key:
@@ -294,7 +307,8 @@ def ticks(draw, engine: vs.Engine, n_ticks: int | None = None) -> list[tuple[dic
             if draw(st.integers(0, 2 if ls.link.via is None else 8)) == 0:
                 m = draw(st.integers(0, 4))
                 ck = [draw(st.sampled_from(_pool(ls.child.key_dtype))) for _ in range(m)]
-                pk = [draw(st.sampled_from(_pool(ls.parent.key_dtype)[:3])) for _ in range(m)]
+                mp = m if draw(st.integers(0, 9)) else draw(st.integers(0, 4))  # unequal: refused
+                pk = [draw(st.sampled_from(_pool(ls.parent.key_dtype)[:3])) for _ in range(mp)]
                 calls.append((link, ck, pk))
         out.append((events, calls))
     return out
