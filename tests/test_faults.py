@@ -326,8 +326,9 @@ def test_broker_down_at_start_then_killed_and_restarted_mid_run(fault_broker, tm
     # the gauge is published with the tick after the poll that noticed (SQL sees tick
     # boundaries), which may come a moment after the log line on a loaded machine
     wait_until(lambda: run.metrics()["source_connected"] == 0, 10, "source_connected 0")
-    # down for at least 30 s (a start of this broker takes 15 s at the very least)
-    time.sleep(max(0.0, 30 - min(boot, 15) - (time.monotonic() - down)))
+    # down for at least 30 s (the broker's start time varies, 7-50 s on this VM: do not
+    # count on it)
+    time.sleep(max(0.0, 30 - (time.monotonic() - down)))
     fb.start()
     run.wait_for(r"pulsar at .* reachable again after \d+ s", 90, after=at)
     outage = time.monotonic() - down
