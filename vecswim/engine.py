@@ -167,6 +167,9 @@ class Engine:
         self.recent: deque[TickStats] = deque(maxlen=recent_ticks)
         self.emission_log = RecentEmissions()
         self.after_tick: list[Callable[[TickStats], None]] = []
+        # the last tick's emissions per agent type, and the rows they came from (for hooks)
+        self.emitted: dict[str, pa.RecordBatch] = {}
+        self.emitted_rows: dict[str, np.ndarray] = {}
         # source/checkpoint gauges shown in ``metrics`` (set by ``run``)
         self.gauges: dict[str, int] = {}
         self._scanned = 0
@@ -312,7 +315,8 @@ class Engine:
         self._pending_links.append((link, ck, pk))
 
     def tick(self, events: Mapping[str, pa.RecordBatch | pa.Table] | None = None) -> TickStats:
-        """Run one tick over ``events`` (agent type name -> batch with the key and fields).
+        """Run one tick over ``events`` (agent type name -> batch with the key and fields, or
+        a list of batches applied one after the other).
 
         Events are applied in batch order. Rows that fail validation go to the dead letters
         with a reason and do not stop the tick. Returns what the tick did.
@@ -327,17 +331,18 @@ class Engine:
             t.begin_tick()
         n_events = 0
         n_dead = 0
-        for name, batch in (events or {}).items():
+        for name, batches in (events or {}).items():
             if name not in tables:
                 raise KeyError(f"events for unknown agent type {name!r}")
-            good, dead = validate_events(self.types[name], self.event_fields(name), batch)
-            if dead is not None:
-                n_dead += dead.num_rows
-                self.dead_letters.write(tick, name, dead)
-            if good is None or good.num_rows == 0:
-                continue
-            n_events += good.num_rows
-            self._apply_events(tables[name], good, tick)
+            for batch in batches if isinstance(batches, list | tuple) else (batches,):
+                good, dead = validate_events(self.types[name], self.event_fields(name), batch)
+                if dead is not None:
+                    n_dead += dead.num_rows
+                    self.dead_letters.write(tick, name, dead)
+                if good is None or good.num_rows == 0:
+                    continue
+                n_events += good.num_rows
+                self._apply_events(tables[name], good, tick)
         for link, ck, pk in self._pending_links:
             ls = self.links[link]
             crow = ls.child.resolve(ck)
@@ -727,6 +732,7 @@ class Engine:
 
     def _emit(self, tick: int) -> int:
         total = 0
+        self.emitted, self.emitted_rows = {}, {}
         for t in self.tables.values():
             n = t.n_dirty
             if n == 0 or not t.last:
@@ -765,6 +771,7 @@ class Engine:
                 cols[c] = pa.array(v[:k] if 2 * k >= n else v[:k].copy())
             batch = pa.RecordBatch.from_pydict(cols)
             total += k
+            self.emitted[t.name], self.emitted_rows[t.name] = batch, rows
             self.emission_log.write(tick, t.name, batch)
             for s in self.sinks:
                 s.write(tick, t.name, batch)

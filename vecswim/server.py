@@ -49,12 +49,16 @@ import pyarrow.ipc as ipc
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from vecswim.live import LiveHub
 from vecswim.snapshot import Snapshots
 from vecswim.sql import SQLError, execute, tables_for
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 _TEXT_TYPES = ("application/x-www-form-urlencoded", "application/sql", "application/octet-stream")
-_ENDPOINTS = "POST /sql, GET /tables or GET /health"
+_ENDPOINTS = (
+    "POST /sql, GET /tables, /health, /metrics, /live/schema, / (the page; WebSocket: WARP), "
+    "/warp (WARP) or /live (JSON)"
+)
 
 
 class SQLServer:
@@ -82,8 +86,11 @@ class SQLServer:
         max_body: int = 1 << 20,
         request_timeout: float = 10.0,
         backlog: int = 1024,
+        live: bool = True,
+        metrics: object | None = None,
     ) -> None:
         self.snapshots = snapshots
+        self.metrics = metrics
         self.threads = threads
         self.token = token
         self.timeout = timeout
@@ -114,6 +121,9 @@ class SQLServer:
             raise
         host = f"[{bind}]" if ":" in bind else bind
         self.url = f"http://{host}:{self.port}"
+        self.live: LiveHub | None = None
+        if live:
+            self.live = LiveHub(snapshots.engine, snapshots).attach(self._loop)
 
     async def _start(self, bind: str, port: int, backlog: int) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrent)
@@ -121,6 +131,12 @@ class SQLServer:
         app.router.add_post("/sql", self._sql)
         app.router.add_get("/tables", self._tables)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/", self._root)
+        app.router.add_get("/warp", self._warp)
+        app.router.add_get("/live", self._json_live)
+        app.router.add_get("/live/schema", self._schema)
+        app.router.add_get("/static/{name}", self._static)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         manager = self._runner.server
@@ -161,6 +177,9 @@ class SQLServer:
         """Stop listening, end the connections and the loop thread (idempotent)."""
         if self._loop.is_closed():
             return
+        if self.live is not None:
+            with contextlib.suppress(ValueError):
+                self.snapshots.engine.after_tick.remove(self.live.after_tick)
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
         self._stop_loop()
@@ -203,10 +222,69 @@ class SQLServer:
             return _error(500, f"internal error: {type(e).__name__}: {e}", close=True)
 
     def _authorized(self, request: web.Request) -> bool:
+        """The bearer token in ``Authorization``, or as ``?token=`` (browsers and SwimOS
+        clients cannot set headers on a WebSocket upgrade)."""
         if self.token is None:
             return True
+        want = self.token.encode()
         got = request.headers.get("Authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode())
+        if hmac.compare_digest(got.encode(), b"Bearer " + want):
+            return True
+        return hmac.compare_digest(request.query.get("token", "").encode(), want)
+
+    # -- live agents, the page, metrics -------------------------------------------------
+
+    async def _root(self, request: web.Request) -> web.StreamResponse:
+        """``/``: a WebSocket upgrade speaks WARP (as a SwimOS server does); else the page."""
+        if _is_upgrade(request):
+            return await self._warp(request)
+        return await self._static(request, "index.html")
+
+    async def _warp(self, request: web.Request) -> web.StreamResponse:
+        if self.live is None:
+            return _error(404, "live subscriptions are off (--no-live)")
+        if not _is_upgrade(request):
+            return _error(400, "WARP needs a WebSocket upgrade (subprotocol warp0)")
+        return await self.live.handle(request, "warp")
+
+    async def _json_live(self, request: web.Request) -> web.StreamResponse:
+        if self.live is None:
+            return _error(404, "live subscriptions are off (--no-live)")
+        if not _is_upgrade(request):
+            return _error(400, "/live needs a WebSocket upgrade (JSON ops, see the README)")
+        return await self.live.handle(request, "json")
+
+    async def _schema(self, request: web.Request) -> web.Response:
+        eng = self.snapshots.engine
+        types = {}
+        for name, at in eng.types.items():
+            types[name] = {
+                "key": at.key,
+                "columns": [c.name for c in at.columns],
+                "emitted": list(eng.tables[name].last),
+                "links": [ln for ln, ls in eng.links.items() if ls.parent.name == name],
+            }
+        links = {
+            ln: {"child": ls.child.name, "parent": ls.parent.name} for ln, ls in eng.links.items()
+        }
+        return _json(200, {"types": types, "links": links})
+
+    async def _static(self, request: web.Request, name: str | None = None) -> web.StreamResponse:
+        name = name or request.match_info["name"]
+        if name not in _static_files():
+            return _error(404, f"no such file /static/{name}")
+        body, ctype = _static_files()[name]
+        return web.Response(body=body, content_type=ctype, headers={"Cache-Control": "no-cache"})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            return _error(404, "metrics are off")
+        body, ctype = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self.metrics.render, request.headers.get("Accept")
+        )
+        resp = web.Response(body=body)
+        resp.headers["Content-Type"] = ctype
+        return resp
 
     def _too_large(self) -> web.Response:
         return _error(413, f"request body larger than {self.max_body:,} bytes", close=True)
@@ -421,6 +499,37 @@ class _Protocol(RequestHandler):
         resp = _error(status, f"bad request: {text}" if status == 400 else text)
         resp.force_close()
         return resp
+
+
+def _is_upgrade(request: web.Request) -> bool:
+    return request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+_STATIC: dict[str, tuple[bytes, str]] | None = None
+_CONTENT_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".png": "image/png",
+    ".svg": "image/svg+xml",
+}
+
+
+def _static_files() -> dict[str, tuple[bytes, str]]:
+    """The page's files, shipped inside the package (read once)."""
+    global _STATIC
+    if _STATIC is None:
+        from importlib import resources
+
+        files = {}
+        root = resources.files("vecswim") / "static"
+        if root.is_dir():
+            for f in root.iterdir():
+                ext = "." + f.name.rsplit(".", 1)[-1]
+                if f.is_file() and ext in _CONTENT_TYPES:
+                    files[f.name] = (f.read_bytes(), _CONTENT_TYPES[ext])
+        _STATIC = files
+    return _STATIC
 
 
 def _error_body(message: str) -> bytes:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from vecswim.kernels.dirty import copy_rows
 from vecswim.sql import metrics_table, ticks_table
@@ -211,3 +212,33 @@ class SnapshotView:
             at: pa.Table.from_batches(bs, schema=schema)
             for at, (bs, schema) in self._b.emissions.items()
         }
+
+    # -- point reads for live subscriptions (copies: valid after the reader is released) ----
+    def rows_of(self, agent_type: str, keys: pa.Array) -> np.ndarray:
+        """The row of each key (-1: no such agent); one hash pass, O(agents + len(keys))."""
+        n = self._b.n[agent_type]
+        idx = pc.index_in(keys, value_set=self._b.keys[agent_type][:n])
+        return pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    def value(self, agent_type: str, column: str, row: int) -> object:
+        """One state value as a Python scalar."""
+        return self._b.cols[agent_type][column][row].item()
+
+    def emitted_columns(self, agent_type: str, rows: np.ndarray | None = None) -> pa.Table:
+        """The key and the emitted columns of every agent (or of ``rows``), copied."""
+        t = self._engine.tables[agent_type]
+        n = self._b.n[agent_type]
+        sel = np.arange(n) if rows is None else rows
+        data = {t.type.key: self._b.keys[agent_type].take(pa.array(sel))}
+        for col in t.last:
+            data[col] = pa.array(self._b.cols[agent_type][col][sel])
+        return pa.table(data)
+
+    def children(self, link: str, parent_key: object) -> pa.Table:
+        """The children of one parent: their keys and emitted columns, copied."""
+        ls = self._engine.links[link]
+        ptype = self._b.keys[ls.parent.name].type
+        prow = self.rows_of(ls.parent.name, pa.array([parent_key], ptype))
+        n = self._b.n[ls.child.name]
+        rows = np.flatnonzero(self._b.prow[link][:n] == prow[0]) if prow[0] >= 0 else np.arange(0)
+        return self.emitted_columns(ls.child.name, rows)
