@@ -319,7 +319,14 @@ def list_scenarios() -> None:
     show_default=True,
     help="DuckDB threads per query (fewer: less pressure on ticks).",
 )
-@click.option("--no-sql", is_flag=True, help="Do not serve SQL.")
+@click.option(
+    "--no-sql", is_flag=True, help="Do not serve SQL (nor the page, live lanes, metrics)."
+)
+@click.option(
+    "--no-live",
+    is_flag=True,
+    help="Do not serve live subscriptions (WARP, JSON WebSocket) on the SQL port.",
+)
 @click.option(
     "--checkpoint-dir",
     type=click.Path(file_okay=False),
@@ -385,6 +392,7 @@ def run(
     sql_max_rows: int,
     sql_threads: int,
     no_sql: bool,
+    no_live: bool,
     checkpoint_dir: str | None,
     checkpoint_every: float,
     checkpoint_ticks: int | None,
@@ -509,12 +517,18 @@ def run(
                 sql_timeout,
                 sql_max_rows,
                 sql_threads,
+                live=not no_live,
             )
         except OSError as e:
             raise click.ClickException(
                 f"cannot serve SQL on {sql_bind}:{sql_port} ({e.strerror}); "
                 "choose --sql-port (0 = any free port) or --no-sql"
             ) from None
+        if server.live is not None:
+            from vecswim.live import CommandSource
+
+            # commands sent to agents' event lanes join the next tick (and its journal record)
+            source = CommandSource(source, server.live.commands)
     status = _Status(engine, quiet)
     until = "until they end" if seconds is None else f"for {seconds:g}s"
     click.echo(f"vecswim: running {scenario} with {agents:,} agents, {what}, {until}", err=True)
@@ -522,6 +536,16 @@ def run(
         click.echo(
             f"vecswim: SQL at {server.url}/sql (vecswim sql --url {server.url} ...)", err=True
         )
+        click.echo(
+            f"vecswim: live page at {server.url}/, metrics at {server.url}/metrics", err=True
+        )
+        if server.live is not None:
+            ws = "ws" + server.url[4:]
+            click.echo(
+                f"vecswim: live lanes at {ws}/ (WARP) and {ws}/live (JSON); "
+                f"vecswim watch --url {server.url} /<agent type>/<key>",
+                err=True,
+            )
     checkpointer = None
     if checkpoint_dir is not None:
         from vecswim import checkpoint
@@ -547,6 +571,12 @@ def run(
                 "subscription): after a restart, output is at-least-once",
                 err=True,
             )
+    if server is not None:
+        from vecswim.metrics import Metrics
+
+        server.metrics = Metrics(
+            engine, source=source, checkpointer=checkpointer, sql=server, live=server.live
+        ).attach()
     # SIGTERM stops at the next tick boundary: final checkpoint, acknowledgements, summary,
     # exit 0. A second SIGTERM ends the process at once (still safe: see docs/FAULTS.md).
     stop = threading.Event()
@@ -855,6 +885,63 @@ def sql_command(
     except sqlclient.ClientError as e:
         raise click.ClickException(str(e)) from None
     sqlclient.write(result, fmt, output)
+
+
+@cli.command("watch")
+@click.argument("node")
+@click.argument("lanes", nargs=-1)
+@click.option(
+    "--url",
+    default="http://127.0.0.1:7654",
+    show_default=True,
+    help="A running engine (vecswim run prints it).",
+)
+@click.option("--token", default=None, help="Bearer token (vecswim run --sql-token).")
+@click.option("--link", "link_only", is_flag=True, help="Only changes from now on (no sync).")
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many changes.",
+)
+@click.option(
+    "--seconds",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Stop after this long.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON frames.")
+def watch_command(
+    node: str,
+    lanes: tuple[str, ...],
+    url: str,
+    token: str | None,
+    link_only: bool,
+    count: int | None,
+    seconds: float | None,
+    as_json: bool,
+) -> None:
+    """Print live changes of NODE's LANES (e.g. /fleet/7 engine_fleet).
+
+    Without LANES: every state column of an agent (/engine/7), the agents lane of a type
+    (/engine), the pulse of swimos:meta:mesh. Each line starts with the tick it is from."""
+    from vecswim import client as liveclient
+
+    try:
+        liveclient.watch(
+            url,
+            node,
+            list(lanes),
+            token,
+            sync=not link_only,
+            count=count,
+            seconds=seconds,
+            raw=as_json,
+        )
+    except liveclient.ClientError as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.group("checkpoint")

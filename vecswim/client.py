@@ -125,3 +125,107 @@ def _out(data: bytes, output: str | None) -> None:
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
+
+
+# -- live lanes ------------------------------------------------------------------------------
+def watch(
+    url: str,
+    node: str,
+    lanes: list[str],
+    token: str | None = None,
+    sync: bool = True,
+    count: int | None = None,
+    seconds: float | None = None,
+    raw: bool = False,
+    out=None,
+) -> int:
+    """Print live changes of ``node``'s ``lanes`` (all of them when empty: every state
+    column of an agent, ``agents`` of a type, ``pulse`` of the meta node) from the engine at
+    ``url`` over the JSON WebSocket, one line per change, until ``count`` changes or
+    ``seconds`` pass (or Ctrl-C). Returns the number of changes printed. Raises
+    :class:`ClientError` with one line if the engine is unreachable or a lane does not
+    exist."""
+    import asyncio
+
+    out = out or sys.stdout
+    if not lanes:
+        lanes = _default_lanes(url, node, token)
+    return asyncio.run(_watch(url, node, lanes, token, sync, count, seconds, raw, out))
+
+
+def _default_lanes(url: str, node: str, token: str | None) -> list[str]:
+    if node == "swimos:meta:mesh":
+        return ["pulse"]
+    parts = node.split("/")
+    if len(parts) == 2:
+        return ["agents"]
+    body, _ = _request(f"{url.rstrip('/')}/live/schema", token)
+    types = json.loads(body)["types"]
+    if len(parts) != 3 or parts[1] not in types:
+        raise ClientError(f"no node {node}: use /<agent type>/<key> with one of {sorted(types)}")
+    return list(types[parts[1]]["columns"])
+
+
+async def _watch(url, node, lanes, token, sync, count, seconds, raw, out) -> int:
+    import asyncio
+
+    import aiohttp
+
+    ws_url = "ws" + url.rstrip("/")[4:] + "/live"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    shown = 0
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(ws_url, headers=headers, heartbeat=30) as ws,
+        ):
+            for lane in lanes:
+                op = {"op": "sync" if sync else "link", "node": node, "lane": lane}
+                await ws.send_str(json.dumps(op))
+            deadline = None if seconds is None else asyncio.get_running_loop().time() + seconds
+            while count is None or shown < count:
+                left = None if deadline is None else deadline - asyncio.get_running_loop().time()
+                if left is not None and left <= 0:
+                    break
+                try:
+                    msg = await ws.receive(timeout=left)
+                except TimeoutError:
+                    break
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    why = ws.close_code and f" ({ws.close_code}: {msg.extra or ''})"
+                    raise ClientError(f"the engine closed the connection{why or ''}")
+                frame = json.loads(msg.data)
+                tag = frame.get("tag")
+                if tag == "error":
+                    raise ClientError(frame["error"])
+                if tag == "unlinked" and frame.get("reason"):
+                    what = "node" if frame["reason"] == "nodeNotFound" else "lane"
+                    raise ClientError(f"no such {what}: {frame['node']} {frame['lane']}")
+                if tag != "event":
+                    continue
+                for line in _lines(frame, raw, msg.data):
+                    if count is not None and shown >= count:
+                        break
+                    print(line, file=out, flush=True)
+                    shown += 1
+    except aiohttp.ClientResponseError as e:
+        raise ClientError(f"{ws_url}: HTTP {e.status} {e.message}") from None
+    except (aiohttp.ClientConnectionError, OSError) as e:
+        if isinstance(e, aiohttp.ClientConnectorError | ConnectionRefusedError):
+            raise ClientError(
+                f"no engine is listening at {url}: start one with 'vecswim run SCENARIO' "
+                "(it serves on 127.0.0.1:7654; see --sql-port) or give its --url"
+            ) from None
+        raise ClientError(f"lost the connection to {url} ({e})") from None
+    return shown
+
+
+def _lines(frame: dict, raw: bool, text: str) -> list[str]:
+    if raw:
+        return [text]
+    head = f"tick {frame['tick']}  {frame['node']} {frame['lane']}"
+    if "value" in frame:
+        return [f"{head} = {json.dumps(frame['value'])}"]
+    lines = [f"{head}  {json.dumps(k)}: {json.dumps(v)}" for k, v in frame.get("updates", [])]
+    lines += [f"{head}  {json.dumps(k)} removed" for k in frame.get("removes", [])]
+    return lines

@@ -121,10 +121,7 @@ class _Uplink:
         self.since = -1  # offers for ticks <= since are already covered
         self.control: list[tuple[str, int]] = []  # (tag, tick) frames before the data
         self.after: list[tuple[str, int]] = []  # after the data queued so far
-
-    @property
-    def pending(self) -> int:
-        return 0
+        self.closed = False
 
     def take(self) -> object:
         return None
@@ -139,16 +136,17 @@ class _ValueUplink(_Uplink):
         self.has = False
         self.value: object = None
         self.tick = -1
+        self.known = False  # current: the newest value offered (sent or queued)
+        self.current: object = None
 
     def offer(self, tick: int, value: object) -> None:
-        if tick <= self.since:
-            return
+        if tick <= self.since or (self.known and _same(value, self.current)):
+            return  # an emission of the row that left this column as it was
+        self.known, self.current = True, value
+        if self.has:
+            self.conn.hub.dropped += 1  # coalesced: the client gets the newer value only
         self.has, self.value, self.tick = True, value, tick
         self.ready()
-
-    @property
-    def pending(self) -> int:
-        return int(self.has)
 
     def take(self) -> tuple[int, object] | None:
         if not self.has:
@@ -169,23 +167,24 @@ class _MapUplink(_Uplink):
             return
         self.entries.append(entry)
         self.rows += entry.rows
+        self.conn.rows += entry.rows
         if self.rows > self.conn.hub.compact_rows and len(self.entries) > 1:
             self.compact()
-        if self.rows > self.conn.hub.max_pending:
+        if self.conn.rows > self.conn.hub.max_pending:
             self.conn.too_slow(f"more than {self.conn.hub.max_pending:,} updates pending")
             return
         self.ready()
 
-    @property
-    def pending(self) -> int:
-        return self.rows
-
     def compact(self) -> None:
         """Merge the queue to the latest row per key (a consistent later tick boundary)."""
         self.entries = [_merge(self.entries, self.key)]
+        gone = self.rows - self.entries[0].rows
+        self.conn.hub.dropped += gone
+        self.conn.rows -= gone
         self.rows = self.entries[0].rows
 
     def take(self) -> list[_Entry]:
+        self.conn.rows -= self.rows
         out, self.entries, self.rows = self.entries, [], 0
         return out
 
@@ -387,6 +386,7 @@ class _Connection:
         self.wake = asyncio.Event()
         self.closing: str | None = None
         self.sent = 0
+        self.rows = 0  # map lane rows queued over all uplinks
 
     def ready(self, up: _Uplink | _Frame) -> None:
         if up in self.queue:
@@ -397,10 +397,6 @@ class _Connection:
     def frame(self, text: str) -> None:
         """Queue one frame that belongs to no uplink (unlinked, errors, authed), in order."""
         self.ready(_Frame(text))
-
-    @property
-    def pending(self) -> int:
-        return sum(up.pending for up in self.uplinks.values())
 
     def too_slow(self, why: str) -> None:
         if self.closing is None:
@@ -423,6 +419,7 @@ class _Connection:
             self.too_slow(f"no progress for {self.hub.stall_seconds:g}s")
             raise ConnectionResetError from None
         self.sent += 1
+        self.hub.sent += 1
 
     async def writer(self) -> None:
         """Send what the uplinks hold, uplink by uplink, until the connection ends."""
@@ -470,7 +467,7 @@ class LiveHub:
         engine: Engine,
         snapshots: Snapshots,
         *,
-        max_pending: int = 1_000_000,
+        max_pending: int = 2_000_000,
         compact_rows: int = 50_000,
         stall_seconds: float = 30.0,
         history: int = 256,
@@ -507,7 +504,9 @@ class LiveHub:
         self._pulse_task: asyncio.Task | None = None
         self.closed_slow = 0
         self.malformed = 0
-        self.links_total = 0
+        self.links = 0  # open uplinks
+        self.sent = 0
+        self.dropped = 0
         self._key_types = {
             n: t.key_array(np.zeros(0, np.int32)).type for n, t in engine.tables.items()
         }
@@ -691,7 +690,7 @@ class LiveHub:
                 else self.engine.links[addr.name].child.type.key
             )
             up = _MapUplink(conn, addr, sync, key)
-        self.links_total += 1
+        self.links += 1
         if addr.kind == "value":
             self.values.setdefault(addr.type, {}).setdefault(addr.key, []).append(up)
             self._watched[addr.type] = None
@@ -711,7 +710,12 @@ class LiveHub:
         return up
 
     def close(self, up: _Uplink) -> None:
-        """Forget an uplink (idempotent)."""
+        """Forget an uplink (once)."""
+        if up.closed:
+            return
+        up.closed = True
+        self.links -= 1
+        up.take()  # release what it had queued
         addr = up.addr
         if addr.kind == "value":
             subs = self.values.get(addr.type, {})
@@ -900,13 +904,14 @@ class LiveHub:
         }
 
     def stats(self) -> dict[str, int]:
-        """Connections, open links, rows queued, frames sent, connections closed as slow."""
-        links = sum(len(c.uplinks) for c in self.conns)
+        """Counters, safe to read from any thread: open connections and links, frames sent,
+        updates coalesced away (``dropped``) for slow subscribers, connections closed as
+        too slow, malformed requests, commands accepted."""
         return {
             "connections": len(self.conns),
-            "links": links,
-            "pending": sum(c.pending for c in self.conns),
-            "sent": sum(c.sent for c in self.conns),
+            "links": self.links,
+            "sent": self.sent,
+            "dropped": self.dropped,
             "closed_slow": self.closed_slow,
             "malformed": self.malformed,
             "commands": self.commands.accepted,
@@ -1150,6 +1155,10 @@ def _keys(table, rows: np.ndarray) -> pa.Array:
 def _updates(batch: pa.RecordBatch) -> pa.Table:
     """An emission batch as map lane rows: the key, then the emitted columns."""
     return pa.Table.from_batches([batch]).drop_columns(["tick"])
+
+
+def _same(a: object, b: object) -> bool:
+    return a == b or (a != a and b != b)  # NaN is NaN
 
 
 def _parse_key(text: str, string_keys: bool) -> object:
