@@ -323,6 +323,13 @@ def list_scenarios() -> None:
     "--no-sql", is_flag=True, help="Do not serve SQL (nor the page, live lanes, metrics)."
 )
 @click.option(
+    "--pg-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve the SQL over the PostgreSQL wire protocol on this port (0: any free "
+    "port), with the same bind address, limits and token (as the password).",
+)
+@click.option(
     "--no-live",
     is_flag=True,
     help="Do not serve live subscriptions (WARP, JSON WebSocket) on the SQL port.",
@@ -393,6 +400,7 @@ def run(
     sql_threads: int,
     no_sql: bool,
     no_live: bool,
+    pg_port: int | None,
     checkpoint_dir: str | None,
     checkpoint_every: float,
     checkpoint_ticks: int | None,
@@ -503,7 +511,9 @@ def run(
         if idle_exit:
             source = _IdleExit(source, idle_exit)
         what = f"events from {service_url} {', '.join(topics) or topic_pattern}"
-    server = None
+    server = pg = None
+    if pg_port is not None and no_sql:
+        raise click.UsageError("--pg-port serves the SQL endpoint: drop --no-sql")
     if not no_sql:
         from vecswim.server import SQLServer
         from vecswim.snapshot import Snapshots
@@ -524,6 +534,25 @@ def run(
                 f"cannot serve SQL on {sql_bind}:{sql_port} ({e.strerror}); "
                 "choose --sql-port (0 = any free port) or --no-sql"
             ) from None
+        if pg_port is not None:
+            from vecswim.pgwire import PgServer
+
+            try:
+                pg = PgServer(
+                    server.snapshots,
+                    sql_bind,
+                    pg_port,
+                    sql_token,
+                    sql_timeout,
+                    sql_max_rows,
+                    sql_threads,
+                )
+            except OSError as e:
+                server.close()
+                raise click.ClickException(
+                    f"cannot serve PostgreSQL on {sql_bind}:{pg_port} ({e.strerror}); "
+                    "choose another --pg-port (0 = any free port)"
+                ) from None
         if server.live is not None:
             from vecswim.live import CommandSource
 
@@ -539,6 +568,12 @@ def run(
         click.echo(
             f"vecswim: live page at {server.url}/, metrics at {server.url}/metrics", err=True
         )
+        if pg is not None:
+            click.echo(
+                f"vecswim: PostgreSQL at {sql_bind}:{pg.port} "
+                f"(psql -h {sql_bind} -p {pg.port} -U vecswim -c 'SELECT ...')",
+                err=True,
+            )
         if server.live is not None:
             ws = "ws" + server.url[4:]
             click.echo(
@@ -575,7 +610,7 @@ def run(
         from vecswim.metrics import Metrics
 
         server.metrics = Metrics(
-            engine, source=source, checkpointer=checkpointer, sql=server, live=server.live
+            engine, source=source, checkpointer=checkpointer, sql=server, pg=pg, live=server.live
         ).attach()
     # SIGTERM stops at the next tick boundary: final checkpoint, acknowledgements, summary,
     # exit 0. A second SIGTERM ends the process at once (still safe: see docs/FAULTS.md).
@@ -608,6 +643,8 @@ def run(
             close()
         if server is not None:
             server.close()
+        if pg is not None:
+            pg.close()
     if stop.is_set():
         done = " after a final checkpoint" if checkpointer is not None else ""
         click.echo(f"vecswim: SIGTERM: stopped at tick {engine.tick_id:,}{done}", err=True)

@@ -44,7 +44,7 @@ import time
 import urllib.parse
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -101,6 +101,9 @@ class _Entry:
     tick: int
     updates: pa.Table | None = None
     removes: pa.Array | None = None
+    # frames already encoded, by (codec, node, lane): one tick's entry is shared by every
+    # uplink of an agents lane, and encoded once for all of them
+    frames: dict = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -443,9 +446,13 @@ class _Connection:
                         await self.send(codec.value(up.addr, got[0], got[1]))
                 elif isinstance(up, _MapUplink):
                     for entry in up.take():
-                        for frames in codec.entries(up.addr, entry):
-                            for f in frames:
-                                await self.send(f)
+                        key = (type(codec), up.addr.node, up.addr.lane)
+                        frames = entry.frames.get(key)
+                        if frames is None:
+                            frames = [f for part in codec.entries(up.addr, entry) for f in part]
+                            entry.frames[key] = frames
+                        for f in frames:
+                            await self.send(f)
                 for tag, tick in after:
                     await self.send(codec.control(tag, up.addr, tick, None))
 
