@@ -109,7 +109,7 @@ class Browser:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self._log.flush()
                 log = (self.workdir / "chromium.log").read_text(errors="replace")[-2000:]
-                await self._kill()
+                await self._kill(grace=0)
                 raise AssertionError(f"Chromium did not start its DevTools endpoint:\n{log}")
             await asyncio.sleep(0.05)
         port, path = port_file.read_text().split()
@@ -128,6 +128,10 @@ class Browser:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        # Browser.close lets Chromium end and reap its own helper processes (killed from
+        # outside, they would be left as zombies where PID 1 does not reap)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.send("Browser.close", page=False), 5)
         self._reader.cancel()
         with contextlib.suppress(BaseException):
             await self._reader
@@ -135,15 +139,20 @@ class Browser:
         await self.http.close()
         await self._kill()
 
-    async def _kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: only its processes
-        try:
-            await asyncio.to_thread(self.proc.wait, 10)
-        except subprocess.TimeoutExpired:
+    async def _kill(self, grace: float = 10.0) -> None:
+        """Wait ``grace`` seconds for the browser to exit; then end what is left of its
+        session (only its own processes: it was started in a new session)."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(self.proc.wait, grace)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if self.proc.poll() is not None:
+                break
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(self.proc.wait, 10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # helpers that outlived it, if any
         self._log.close()
 
     async def _read(self) -> None:
