@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import time
@@ -230,16 +231,33 @@ def _merge(entries: list[_Entry], key: str) -> _Entry:
 
 
 # -- encoders --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def _lit(text: str) -> pa.Scalar:
+    """A string literal as an Arrow scalar: pyarrow converts a Python str argument on every
+    compute call (about 20x the cost of the kernel on small arrays), so build each once."""
+    return pa.scalar(text, pa.string())
+
+
+_FALSE = pa.scalar(False)
+
+
+def _join(*parts: object) -> pa.Array:
+    """Element-wise concatenation of string arrays and literals."""
+    return pc.binary_join_element_wise(
+        *(_lit(p) if isinstance(p, str) else p for p in parts), _lit("")
+    )
+
+
 def _recon_column(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Recon text of each value (nulls and NaN-free absent as empty)."""
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     t = arr.type
     if pa.types.is_boolean(t) or pa.types.is_integer(t):
-        return pc.fill_null(pc.cast(arr, pa.string()), "")
+        return pc.fill_null(pc.cast(arr, pa.string()), _lit(""))
     if pa.types.is_floating(t):
         s = pc.cast(arr, pa.string())
         plain = pc.match_substring_regex(s, r"^-?[0-9]+$")
-        s = pc.if_else(plain, pc.binary_join_element_wise(s, ".0", ""), s)
+        s = pc.if_else(plain, _join(s, ".0"), s)
         expo = pc.match_substring(s, "e")
         if pc.any(expo).as_py():
             vals = arr.to_numpy(zero_copy_only=False)
@@ -247,14 +265,14 @@ def _recon_column(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
             for i in np.flatnonzero(expo.to_numpy(zero_copy_only=False)):
                 texts[i] = recon.number(vals[i])
             s = pa.array(texts, pa.string())
-        return pc.fill_null(s, "")
+        return pc.fill_null(s, _lit(""))
     s = pc.cast(arr, pa.string())
     if pc.any(pc.match_substring_regex(s, r"[\x00-\x1f]")).as_py():
         return pa.array([None if v is None else recon.quote(v) for v in s.to_pylist()]).fill_null(
             ""
         )
     s = pc.replace_substring(pc.replace_substring(s, "\\", "\\\\"), '"', '\\"')
-    return pc.fill_null(pc.binary_join_element_wise('"', s, '"', ""), "")
+    return pc.fill_null(_join('"', s, '"'), _lit(""))
 
 
 def _json_column(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -263,13 +281,12 @@ def _json_column(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
     arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     t = arr.type
     if pa.types.is_boolean(t) or pa.types.is_integer(t):
-        return pc.fill_null(pc.cast(arr, pa.string()), "null")
+        return pc.fill_null(pc.cast(arr, pa.string()), _lit("null"))
     if pa.types.is_floating(t):
         s = pc.cast(arr, pa.string())
-        s = pc.if_else(pc.equal(s, "nan"), "null", s)
-        s = pc.if_else(pc.equal(s, "inf"), '"Infinity"', s)
-        s = pc.if_else(pc.equal(s, "-inf"), '"-Infinity"', s)
-        return pc.fill_null(s, "null")
+        for word, text in (("nan", "null"), ("inf", '"Infinity"'), ("-inf", '"-Infinity"')):
+            s = pc.if_else(pc.equal(s, _lit(word)), _lit(text), s)
+        return pc.fill_null(s, _lit("null"))
     vals = arr.cast(pa.string()).to_pylist()
     return pa.array(["null" if v is None else json.dumps(v) for v in vals], pa.string())
 
@@ -307,10 +324,10 @@ class WarpCodec(_Codec):
                     pieces += [("," if i else "") + recon.text(name) + ":"]
                     pieces.append(_recon_column(part.column(i + 1)))
                 pieces.append("}")
-                yield pc.binary_join_element_wise(*pieces, "").to_pylist()
+                yield _join(*pieces).to_pylist()
         if entry.removes is not None:
             keys = _recon_column(entry.removes)
-            yield pc.binary_join_element_wise(head + "@remove(key:", keys, ")", "").to_pylist()
+            yield _join(head + "@remove(key:", keys, ")").to_pylist()
 
 
 class JsonCodec(_Codec):
@@ -350,7 +367,7 @@ class JsonCodec(_Codec):
                     pieces.append(("," if i else "") + json.dumps(name) + ":")
                     pieces.append(_json_column(part.column(i + 1)))
                 pieces.append("}]")
-                texts = pc.binary_join_element_wise(*pieces, "").to_pylist()
+                texts = _join(*pieces).to_pylist()
                 rows.append(f'{head},"updates":[{",".join(texts)}],"removes":[]}}')
         removes = "[]"
         if entry.removes is not None:
@@ -609,7 +626,7 @@ class LiveHub:
         groups: dict[object, list[_Entry]] = {}
         if batch is not None and pkeys is not None:
             idx = np.flatnonzero(
-                pc.fill_null(pc.is_in(pkeys, value_set=watched), False).to_numpy(
+                pc.fill_null(pc.is_in(pkeys, value_set=watched), _FALSE).to_numpy(
                     zero_copy_only=False
                 )
             )
@@ -623,8 +640,8 @@ class LiveHub:
         move = item.moves.get(lname)
         if move is not None:
             values, old, new = move
-            for arr, removing in ((old, True), (new, False)):
-                hit = pc.fill_null(pc.is_in(arr, value_set=watched), False)
+            for arr, removing in ((old, True), (new, _FALSE)):
+                hit = pc.fill_null(pc.is_in(arr, value_set=watched), _FALSE)
                 idx = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
                 if not len(idx):
                     continue
@@ -824,7 +841,7 @@ class LiveHub:
             if batch is None or a.name not in batch.schema.names:
                 return
             hit = pc.equal(batch.column(0), pa.scalar(a.key, batch.schema.field(0).type))
-            idx = np.flatnonzero(pc.fill_null(hit, False).to_numpy(zero_copy_only=False))
+            idx = np.flatnonzero(pc.fill_null(hit, _FALSE).to_numpy(zero_copy_only=False))
             if len(idx):
                 up.offer(item.tick, batch.column(a.name)[int(idx[-1])].as_py())
         elif a.kind == "agents":
@@ -842,16 +859,16 @@ class LiveHub:
         batch = item.emitted.get(ls.child.name)
         pkeys = item.parents.get(a.name)
         if batch is not None and pkeys is not None:
-            hit = pc.fill_null(pc.equal(pkeys, key), False)
+            hit = pc.fill_null(pc.equal(pkeys, key), _FALSE)
             if pc.any(hit).as_py():
                 up.offer(_Entry(item.tick, _updates(batch).filter(hit)))
         move = item.moves.get(a.name)
         if move is not None:
             values, old, new = move
-            gone = pc.fill_null(pc.equal(old, key), False)
+            gone = pc.fill_null(pc.equal(old, key), _FALSE)
             if pc.any(gone).as_py():
                 up.offer(_Entry(item.tick, None, values.filter(gone).column(0).combine_chunks()))
-            came = pc.fill_null(pc.equal(new, key), False)
+            came = pc.fill_null(pc.equal(new, key), _FALSE)
             if pc.any(came).as_py():
                 up.offer(_Entry(item.tick, values.filter(came)))
 

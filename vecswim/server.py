@@ -267,7 +267,7 @@ class SQLServer:
         links = {
             ln: {"child": ls.child.name, "parent": ls.parent.name} for ln, ls in eng.links.items()
         }
-        return _json(200, {"types": types, "links": links})
+        return _json(200, {"types": types, "links": links, "live": self.live is not None})
 
     async def _static(self, request: web.Request, name: str | None = None) -> web.StreamResponse:
         name = name or request.match_info["name"]
