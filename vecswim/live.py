@@ -640,7 +640,7 @@ class LiveHub:
         move = item.moves.get(lname)
         if move is not None:
             values, old, new = move
-            for arr, removing in ((old, True), (new, _FALSE)):
+            for arr, removing in ((old, True), (new, False)):
                 hit = pc.fill_null(pc.is_in(arr, value_set=watched), _FALSE)
                 idx = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
                 if not len(idx):
