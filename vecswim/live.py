@@ -165,6 +165,7 @@ class _MapUplink(_Uplink):
         self.key = key
         self.entries: list[_Entry] = []
         self.rows = 0
+        self.compact_at = conn.hub.compact_rows
 
     def offer(self, entry: _Entry) -> None:
         if entry.tick <= self.since or entry.rows == 0:
@@ -172,8 +173,10 @@ class _MapUplink(_Uplink):
         self.entries.append(entry)
         self.rows += entry.rows
         self.conn.rows += entry.rows
-        if self.rows > self.conn.hub.compact_rows and len(self.entries) > 1:
+        if self.rows > self.compact_at and len(self.entries) > 1:
             self.compact()
+            # merge again only once the queue doubled: O(1) amortized per queued row
+            self.compact_at = max(self.conn.hub.compact_rows, 2 * self.rows)
         if self.conn.rows > self.conn.hub.max_pending:
             self.conn.too_slow(f"more than {self.conn.hub.max_pending:,} updates pending")
             return
@@ -188,6 +191,7 @@ class _MapUplink(_Uplink):
         self.rows = self.entries[0].rows
 
     def take(self) -> list[_Entry]:
+        self.compact_at = self.conn.hub.compact_rows
         self.conn.rows -= self.rows
         out, self.entries, self.rows = self.entries, [], 0
         return out
