@@ -64,6 +64,7 @@ PULSE_LANE = "pulse"
 AGENTS_LANE = "agents"
 COMMAND_LANE = "event"
 WARP_PROTOCOL = "warp0"
+_SHARE_ROWS = 8192  # entries up to this size keep their encoded frames for other uplinks
 JSON_PROTOCOL = "vecswim-json"
 
 
@@ -469,11 +470,21 @@ class _Connection:
                     for entry in up.take():
                         key = (type(codec), up.addr.node, up.addr.lane)
                         frames = entry.frames.get(key)
-                        if frames is None:
-                            frames = [f for part in codec.entries(up.addr, entry) for f in part]
-                            entry.frames[key] = frames
-                        for f in frames:
-                            await self.send(f)
+                        if frames is not None:
+                            for f in frames:
+                                await self.send(f)
+                            continue
+                        # encoded a chunk at a time, the loop serving others in between; a
+                        # tick's entry (shared by every uplink of the lane) is kept encoded
+                        keep = [] if entry.rows <= _SHARE_ROWS else None
+                        for part in codec.entries(up.addr, entry):
+                            for f in part:
+                                await self.send(f)
+                            if keep is not None:
+                                keep.extend(part)
+                            await asyncio.sleep(0)
+                        if keep is not None:
+                            entry.frames[key] = keep
                 for tag, tick in after:
                     await self.send(codec.control(tag, up.addr, tick, None))
 
@@ -535,6 +546,7 @@ class LiveHub:
         self.links = 0  # open uplinks
         self.sent = 0
         self.dropped = 0
+        self.resyncs = 0  # times the loop fell ``backlog`` ticks behind
         self._key_types = {
             n: t.key_array(np.zeros(0, np.int32)).type for n, t in engine.tables.items()
         }
@@ -878,6 +890,7 @@ class LiveHub:
 
     def _resync_all(self) -> None:
         """The loop fell too far behind: drop every queue and sync everyone afresh."""
+        self.resyncs += 1
         self._covered_from = 1 << 62
         for conn in self.conns:
             for up in conn.uplinks.values():
@@ -934,7 +947,8 @@ class LiveHub:
     def stats(self) -> dict[str, int]:
         """Counters, safe to read from any thread: open connections and links, frames sent,
         updates coalesced away (``dropped``) for slow subscribers, connections closed as
-        too slow, malformed requests, commands accepted."""
+        too slow, malformed requests, commands accepted, re-syncs of everyone after the loop
+        fell behind."""
         return {
             "connections": len(self.conns),
             "links": self.links,
@@ -943,6 +957,7 @@ class LiveHub:
             "closed_slow": self.closed_slow,
             "malformed": self.malformed,
             "commands": self.commands.accepted,
+            "resyncs": self.resyncs,
         }
 
     # -- loop thread: one WebSocket --------------------------------------------------------
