@@ -125,7 +125,8 @@ async def _clients(url: str, keys: list[int], types: list[str], seconds: float, 
         # would count as server latency): they live until the end
         gc.freeze()
         print("READY", flush=True)
-        start = float(sys.stdin.readline())  # the bench says when the window starts
+        # the bench says when the window starts (read in a thread: the loop keeps reading)
+        start = float(await asyncio.to_thread(sys.stdin.readline))
         arrivals.clear()
         map_arrivals.clear()
         map_frames[0] = value_frames[0] = 0
