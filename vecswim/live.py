@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import math
 import time
@@ -547,6 +548,10 @@ class LiveHub:
         self.sent = 0
         self.dropped = 0
         self.resyncs = 0  # times the loop fell ``backlog`` ticks behind
+        self.freeze_after = 500
+        self.unfreeze_seconds = 600.0
+        self._opened_since = self._closed_since = 0
+        self._frozen_at: float | None = None
         self._key_types = {
             n: t.key_array(np.zeros(0, np.int32)).type for n, t in engine.tables.items()
         }
@@ -910,11 +915,31 @@ class LiveHub:
     async def _pulse_loop(self) -> None:
         while True:
             await asyncio.sleep(self.pulse_seconds)
+            self._gc_policy()
             if self.pulses:
                 value = self.pulse()
                 for up in list(self.pulses):
                     if not up.syncing:
                         up.offer(self._last, value)
+
+    def _gc_policy(self) -> None:
+        """Keep connections out of Python's full collections: thousands of WebSocket
+        connections are a million tracked objects, and a full collection over them paused
+        the whole process (engine thread included) for 0.5 s (bench.fanout). Once
+        ``freeze_after`` connections opened since the last freeze, everything alive is frozen
+        (``gc.freeze``: never scanned again); once as many closed, or ``unfreeze_seconds``
+        passed, it is unfrozen so that the next collection reclaims the closed ones."""
+        now = time.monotonic()
+        if self._frozen_at is not None and (
+            self._closed_since >= self.freeze_after or now - self._frozen_at > self.unfreeze_seconds
+        ):
+            gc.unfreeze()
+            self._frozen_at = None
+            self._closed_since = 0
+        if self._opened_since >= self.freeze_after:
+            gc.freeze()
+            self._frozen_at = now
+            self._opened_since = self._closed_since = 0
 
     def pulse(self) -> dict:
         """The introspection record: tick, totals, rates over the last second, tick
@@ -971,6 +996,7 @@ class LiveHub:
         await ws.prepare(request)
         conn = _Connection(self, ws, WarpCodec() if protocol == "warp" else JsonCodec())
         self.conns.add(conn)
+        self._opened_since += 1
         writer = asyncio.get_running_loop().create_task(conn.writer())
         try:
             async for msg in ws:
@@ -1000,6 +1026,7 @@ class LiveHub:
             conn.uplinks.clear()
             conn.queue.clear()
             self.conns.discard(conn)
+            self._closed_since += 1
         return ws
 
     def _receive(self, conn: _Connection, text: str, protocol: str) -> str | None:
