@@ -870,28 +870,8 @@ class LiveHub:
             if batch is not None:
                 up.offer(_Entry(item.tick, _updates(batch)))
         elif a.kind == "link":
-            self._replay_link(up, item)
-
-    def _replay_link(self, up: _Uplink, item: _Tick) -> None:
-        a = up.addr
-        ls = self.engine.links[a.name]
-        ptype = self._key_types[ls.parent.name]
-        key = pa.scalar(a.key, ptype)
-        batch = item.emitted.get(ls.child.name)
-        pkeys = item.parents.get(a.name)
-        if batch is not None and pkeys is not None:
-            hit = pc.fill_null(pc.equal(pkeys, key), _FALSE)
-            if pc.any(hit).as_py():
-                up.offer(_Entry(item.tick, _updates(batch).filter(hit)))
-        move = item.moves.get(a.name)
-        if move is not None:
-            values, old, new = move
-            gone = pc.fill_null(pc.equal(old, key), _FALSE)
-            if pc.any(gone).as_py():
-                up.offer(_Entry(item.tick, None, values.filter(gone).column(0).combine_chunks()))
-            came = pc.fill_null(pc.equal(new, key), _FALSE)
-            if pc.any(came).as_py():
-                up.offer(_Entry(item.tick, values.filter(came)))
+            # the bulk fan-out, restricted to this one uplink
+            self._fan_out_link(item, a.name, {a.key: (up,)})
 
     def _resync_all(self) -> None:
         """The loop fell too far behind: drop every queue and sync everyone afresh."""

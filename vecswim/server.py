@@ -241,18 +241,17 @@ class SQLServer:
         return await self._static(request, "index.html")
 
     async def _warp(self, request: web.Request) -> web.StreamResponse:
-        if self.live is None:
-            return _error(404, "live subscriptions are off (--no-live)")
-        if not _is_upgrade(request):
-            return _error(400, "WARP needs a WebSocket upgrade (subprotocol warp0)")
-        return await self.live.handle(request, "warp")
+        return await self._live_socket(request, "warp", "subprotocol warp0")
 
     async def _json_live(self, request: web.Request) -> web.StreamResponse:
+        return await self._live_socket(request, "json", "JSON ops, see the README")
+
+    async def _live_socket(self, request: web.Request, protocol: str, what: str):
         if self.live is None:
             return _error(404, "live subscriptions are off (--no-live)")
         if not _is_upgrade(request):
-            return _error(400, "/live needs a WebSocket upgrade (JSON ops, see the README)")
-        return await self.live.handle(request, "json")
+            return _error(400, f"{request.path} needs a WebSocket upgrade ({what})")
+        return await self.live.handle(request, protocol)
 
     async def _schema(self, request: web.Request) -> web.Response:
         eng = self.snapshots.engine
