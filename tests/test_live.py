@@ -23,7 +23,7 @@ from websockets.sync.client import connect
 import vecswim as vs
 from vecswim import client as liveclient
 from vecswim import recon
-from vecswim.live import CommandSource, LiveHub
+from vecswim.live import CommandSource, LiveHub, _AgentsLane
 from vecswim.server import SQLServer
 from vecswim.snapshot import Snapshots
 
@@ -228,11 +228,14 @@ def apply_map(view, frame):
         view.pop(k, None)
 
 
-def test_json_frames_carry_ticks_and_equal_state_at_that_tick(served):
+@pytest.mark.parametrize("compact_rows", [50_000, 20])
+def test_json_frames_carry_ticks_and_equal_state_at_that_tick(served, compact_rows):
     """Record the engine's state after every tick; every map frame must leave the client's
     view equal to the recorded state of the frame's tick for the keys it touched, and at the
-    end the views equal the final state."""
-    eng, feed, _srv, url = served
+    end the views equal the final state. With ``compact_rows`` 20 the agents lane uplink
+    falls behind every few ticks and catches up from the shared lane."""
+    eng, feed, srv, url = served
+    srv.live.compact_rows = compact_rows
     history = {}
     # first of the hooks: recorded before the hub hands the tick to the loop
     eng.after_tick.insert(0, lambda s: history.__setitem__(s.tick, state(eng, "sensor")))
@@ -263,6 +266,8 @@ def test_json_frames_carry_ticks_and_equal_state_at_that_tick(served):
                 apply_map(view, f)
                 ticks.append(f["tick"])
     assert ticks == sorted(ticks) and ticks[-1] == last_tick
+    if compact_rows == 20:  # the catch-up path ran
+        assert srv.live.stats()["dropped"] > 0
     assert view.keys() == final.keys() and all(same(view[k], r) for k, r in final.items())
 
 
@@ -450,13 +455,18 @@ def test_malformed_input_hurts_only_its_connection(served):
 
 
 @pytest.mark.parametrize(
-    ("max_pending", "stall", "reason"),
-    [(1500, 30.0, "updates pending"), (10**6, 1.0, "no progress for 1s")],
+    ("node", "lane", "max_pending", "stall", "reason"),
+    [
+        ("/zone/1", "sensor_zone", 1500, 30.0, "updates pending"),
+        ("/sensor", "agents", 1500, 1.0, "no progress for 1s"),
+    ],
 )
-def test_slow_subscriber_is_coalesced_then_closed(max_pending, stall, reason):
-    """A client that stops reading: its map queue merges to the latest row per key (bounded by
-    the keys, not the ticks), and it is closed with a reason once the queue passes the cap
-    or no send progresses for ``stall_seconds``; the engine ticks on meanwhile."""
+def test_slow_subscriber_is_coalesced_then_closed(node, lane, max_pending, stall, reason):
+    """A client that stops reading. A link lane's queue merges to the latest row per key
+    (bounded by the children, not the ticks) and the connection is closed once its queue
+    passes the cap; an agents lane never queues more than ``compact_rows`` (it catches up
+    from the shared lane instead), so it is closed only once no send progressed for
+    ``stall_seconds``. The engine ticks on meanwhile."""
     import socket
 
     eng, feed = make(keys=3000)
@@ -464,23 +474,30 @@ def test_slow_subscriber_is_coalesced_then_closed(max_pending, stall, reason):
     hub = srv.live
     hub.max_pending, hub.compact_rows, hub.stall_seconds = max_pending, 1000, stall
     url = "ws" + srv.url[4:]
+    queued = []
     try:
-        with connect(url + "/live", max_size=None, max_queue=1) as ws:
-            ws.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            ws.send(json.dumps({"op": "sync", "node": "/sensor", "lane": "agents"}))
+        # a small receive window from the start, so that the server's sends back up soon
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", srv.port))
+        with connect(url + "/live", sock=sock, max_size=None, max_queue=1) as ws:
+            ws.send(json.dumps({"op": "sync", "node": node, "lane": lane}))
             end = time.monotonic() + 30
             while not hub.closed_slow and time.monotonic() < end:
                 eng.tick(feed.batch(2000))
+                queued.append(max((c.rows for c in list(hub.conns)), default=0))
                 time.sleep(0.005)
             wait_for(lambda: hub.closed_slow == 1, what="slow client closed")
-            if stall < 30:  # it lived long enough for its queue to be merged
-                assert hub.stats()["dropped"] > 0
+            assert hub.stats()["dropped"] > 0  # coalesced before it was closed
+            if lane == "agents":
+                assert max(queued) <= hub.compact_rows + 2000
             with pytest.raises(ConnectionClosed) as e:
                 while True:
                     ws.recv(timeout=10)
             assert e.value.rcvd is None or reason in e.value.rcvd.reason
         wait_for(lambda: hub.stats()["connections"] == 0, what="connection gone")
         assert hub.stats()["links"] == 0
+        assert not hub.lanes  # the agents lane's state goes with its last uplink
     finally:
         srv.close()
 
@@ -605,3 +622,47 @@ def test_recon_writes_what_it_parses(v):
         assert got == v or (math.isnan(got) and math.isnan(v))
     else:
         assert got == norm(v)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    string_keys=st.booleans(),
+    first=st.integers(0, 40),
+    ticks=st.lists(
+        st.lists(st.tuples(st.integers(0, 300), st.integers(-5, 5)), max_size=30), max_size=12
+    ),
+    cursors=st.lists(st.integers(-1, 14), min_size=1, max_size=4),
+)
+def test_agents_lane_returns_the_latest_row_per_key_changed_since_a_cursor(
+    string_keys, first, ticks, cursors
+):
+    """The shared agents lane against a dict model: rows emitted tick by tick (new agents
+    past the end, gaps, repeats within a tick: the last wins, as the engine emits at most
+    once per row), then for any cursor the rows changed after it, each at its latest value."""
+    ktype = pa.large_string() if string_keys else pa.int64()
+
+    def key(r):
+        return f"k{r}" if string_keys else r * 7
+
+    base = pa.table(
+        {"id": pa.array([key(r) for r in range(first)], ktype), "v": np.arange(first) * 1.5}
+    )
+    lane = _AgentsLane(base, 1)
+    model = {r: (key(r), r * 1.5, 1) for r in range(first)}  # row -> key, value, tick
+    for tick, rows in enumerate(ticks, start=2):
+        last = dict(rows)  # one emission per row per tick
+        rs = np.array(sorted(last), np.int64)
+        vals = np.array([float(last[r]) for r in rs])
+        batch = pa.RecordBatch.from_pydict({"id": pa.array([key(r) for r in rs], ktype), "v": vals})
+        lane.apply(tick, rs, batch)
+        for r in rs:
+            model[int(r)] = (key(int(r)), float(last[int(r)]), tick)
+    for c in cursors:
+        got = lane.since(c)
+        want = sorted((r, k, v) for r, (k, v, t) in model.items() if t > c)
+        if not want:
+            assert got is None
+            continue
+        assert got.column_names == ["id", "v"] and got.schema.field(0).type == ktype
+        assert got.column("id").to_pylist() == [k for _, k, _ in want]
+        assert got.column("v").to_pylist() == [v for _, _, v in want]

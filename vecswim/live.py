@@ -90,6 +90,7 @@ class _Tick:
 
     tick: int
     emitted: dict[str, pa.RecordBatch]
+    rows: dict[str, np.ndarray]  # type -> the agent row of each emitted row
     parents: dict[str, pa.Array]  # link -> parent key of each emitted child row (null: none)
     moves: dict[str, tuple]  # link -> (child keys, old parent keys, new parent keys, values)
     tracked: frozenset
@@ -132,6 +133,10 @@ class _Uplink:
     def take(self) -> object:
         return None
 
+    def release(self) -> None:
+        """Forget what is queued (the uplink closes or re-syncs)."""
+        self.take()
+
     def ready(self) -> None:
         self.conn.ready(self)
 
@@ -162,19 +167,27 @@ class _ValueUplink(_Uplink):
 
 
 class _MapUplink(_Uplink):
+    """A link lane uplink: a queue of entries, merged to the latest row per key once it
+    doubles (bounded by the parent's children, not by the ticks)."""
+
     def __init__(self, conn: _Connection, addr: Address, sync: bool, key: str) -> None:
         super().__init__(conn, addr, sync)
         self.key = key
         self.entries: list[_Entry] = []
         self.rows = 0
+        self.counted = 0  # of ``rows``, those counted against the connection's cap
         self.compact_at = conn.hub.compact_rows
 
-    def offer(self, entry: _Entry) -> None:
+    def offer(self, entry: _Entry, live: bool = True) -> None:
+        """Queue ``entry``; a sync's entry (``live`` False) does not count against the cap:
+        it is the lane's state, bounded by the children."""
         if entry.tick <= self.since or entry.rows == 0:
             return
         self.entries.append(entry)
         self.rows += entry.rows
-        self.conn.rows += entry.rows
+        if live:
+            self.counted += entry.rows
+            self.conn.rows += entry.rows
         if self.rows > self.compact_at and len(self.entries) > 1:
             self.compact()
             # merge again only once the queue doubled: O(1) amortized per queued row
@@ -187,16 +200,135 @@ class _MapUplink(_Uplink):
     def compact(self) -> None:
         """Merge the queue to the latest row per key (a consistent later tick boundary)."""
         self.entries = [_merge(self.entries, self.key)]
-        gone = self.rows - self.entries[0].rows
-        self.conn.hub.dropped += gone
-        self.conn.rows -= gone
+        self.conn.hub.dropped += self.rows - self.entries[0].rows
         self.rows = self.entries[0].rows
+        counted = min(self.counted, self.rows)
+        self.conn.rows -= self.counted - counted
+        self.counted = counted
 
     def take(self) -> list[_Entry]:
         self.compact_at = self.conn.hub.compact_rows
-        self.conn.rows -= self.rows
-        out, self.entries, self.rows = self.entries, [], 0
+        self.conn.rows -= self.counted
+        out, self.entries, self.rows, self.counted = self.entries, [], 0, 0
         return out
+
+
+class _AgentsUplink(_Uplink):
+    """An ``agents`` lane uplink. While it keeps up it queues the lane's ticks (entries
+    shared by all uplinks of the lane, encoded once); once more than ``hub.compact_rows``
+    rows wait, the queue is dropped and its next send is the rows changed since ``cursor``
+    at their latest values, read from the shared :class:`_AgentsLane` (one tick boundary).
+    Memory per uplink: at most ``compact_rows`` queued rows, whatever the lag."""
+
+    def __init__(self, conn: _Connection, addr: Address, sync: bool) -> None:
+        super().__init__(conn, addr, sync)
+        self.entries: list[_Entry] = []
+        self.rows = 0
+        self.cursor = -1  # the client has, or is being sent, every change up to this tick
+        self.behind = False  # the next send comes from the lane, not from ``entries``
+
+    def offer(self, entry: _Entry) -> None:
+        if entry.tick <= self.cursor or entry.rows == 0:
+            return
+        if not self.behind:
+            self.entries.append(entry)
+            self.rows += entry.rows
+            self.conn.rows += entry.rows
+            if self.rows > self.conn.hub.compact_rows:
+                self.catch_up()
+        self.ready()
+
+    def catch_up(self) -> None:
+        """Drop the queue: the next send is read from the lane."""
+        self.conn.hub.dropped += self.rows
+        self.conn.rows -= self.rows
+        self.entries, self.rows, self.behind = [], 0, True
+
+    def release(self) -> None:
+        self.conn.rows -= self.rows
+        self.entries, self.rows, self.behind = [], 0, False
+
+    def take(self) -> list[_Entry]:
+        if self.behind:
+            lane = self.conn.hub.lanes[self.addr.type]
+            table = lane.since(self.cursor)
+            self.cursor, self.behind = lane.tick, False
+            # a sync is as of the tick its rows were read at
+            self.after = [(tag, self.cursor if t is None else t) for tag, t in self.after]
+            return [] if table is None else [_Entry(self.cursor, table)]
+        out = self.entries
+        if out:
+            self.cursor = out[-1].tick
+        self.conn.rows -= self.rows
+        self.entries, self.rows = [], 0
+        return out
+
+
+class _AgentsLane:
+    """The latest emitted row of every agent of one type as of tick ``tick``, kept on the
+    loop thread while anyone links the type's ``agents`` lane, shared by those uplinks.
+
+    ``ver[row]`` is the tick that last changed the row, so an uplink that fell behind
+    catches up with the rows changed since its cursor, each at its latest value (map lanes
+    coalesce per key), in one gather: there is no per-uplink queue to merge. Memory: the
+    emitted columns plus 8 bytes per agent. Cost: O(emitted rows) per tick; a catch-up is
+    one O(agents) scan plus O(changed rows).
+    """
+
+    def __init__(self, table: pa.Table, tick: int) -> None:
+        n = table.num_rows
+        self.key, self.key_type = table.column_names[0], table.schema.field(0).type
+        self.names = table.column_names[1:]
+        self.n, self.tick = n, tick
+        cap = max(n, 1024)
+        self.keys = _grown(self._keys(table.column(0)), cap)
+        self.cols = {
+            c: _grown(table.column(c).to_numpy(zero_copy_only=False), cap) for c in self.names
+        }
+        self.ver = _grown(np.full(n, tick, np.int64), cap, -1)
+
+    def _keys(self, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+        if pa.types.is_integer(col.type):
+            return col.to_numpy(zero_copy_only=False)
+        return np.array(col.to_pylist(), dtype=object)
+
+    def apply(self, tick: int, rows: np.ndarray, batch: pa.RecordBatch) -> None:
+        """Take one handed-out tick's emission of this type (``rows``: the agents' rows);
+        ticks the lane already covers are skipped."""
+        if tick <= self.tick:
+            return
+        self.tick = tick
+        if not len(rows):
+            return
+        top = int(rows.max()) + 1
+        if top > len(self.ver):
+            cap = max(top, 2 * len(self.ver))
+            self.keys = _grown(self.keys, cap)
+            self.cols = {c: _grown(a, cap) for c, a in self.cols.items()}
+            self.ver = _grown(self.ver, cap, -1)
+        self.n = max(self.n, top)
+        self.keys[rows] = self._keys(batch.column(0))
+        for c in self.names:
+            self.cols[c][rows] = batch.column(c).to_numpy(zero_copy_only=False)
+        self.ver[rows] = tick
+
+    def since(self, cursor: int) -> pa.Table | None:
+        """Key and emitted columns of the rows changed after tick ``cursor``, in row order;
+        None if none changed."""
+        rows = np.flatnonzero(self.ver[: self.n] > cursor)
+        if not len(rows):
+            return None
+        data = {self.key: pa.array(self.keys[rows], self.key_type)}
+        for c in self.names:
+            data[c] = pa.array(self.cols[c][rows])
+        return pa.table(data)
+
+
+def _grown(a: np.ndarray, cap: int, fill: object = None) -> np.ndarray:
+    """``a`` copied into a new array of length ``cap`` (the rest: ``fill``, or unset)."""
+    out = np.empty(cap, a.dtype) if fill is None else np.full(cap, fill, a.dtype)
+    out[: len(a)] = a
+    return out
 
 
 def _merge(entries: list[_Entry], key: str) -> _Entry:
@@ -363,7 +495,6 @@ class JsonCodec(_Codec):
             {"tag": "event", "node": addr.node, "lane": addr.lane, "tick": entry.tick}
         )
         head = head[:-1]
-        rows: list[str] = []
         if entry.updates is not None:
             t = entry.updates
             for lo in range(0, max(t.num_rows, 1), chunk):
@@ -374,12 +505,10 @@ class JsonCodec(_Codec):
                     pieces.append(_json_column(part.column(i + 1)))
                 pieces.append("}]")
                 texts = _join(*pieces).to_pylist()
-                rows.append(f'{head},"updates":[{",".join(texts)}],"removes":[]}}')
-        removes = "[]"
+                yield [f'{head},"updates":[{",".join(texts)}],"removes":[]}}']
         if entry.removes is not None:
             removes = "[" + ",".join(_json_column(entry.removes).to_pylist()) + "]"
-            rows.append(f'{head},"updates":[],"removes":{removes}}}')
-        yield rows
+            yield [f'{head},"updates":[],"removes":{removes}}}']
 
 
 def _jsonable(v: object) -> object:
@@ -462,13 +591,13 @@ class _Connection:
                 control, up.control = up.control, []
                 for tag, tick in control:
                     await self.send(codec.control(tag, up.addr, tick, None))
+                got = up.take()  # before ``after``: an agents lane's sync sets its tick
                 after, up.after = up.after, []
                 if isinstance(up, _ValueUplink):
-                    got = up.take()
                     if got is not None:
                         await self.send(codec.value(up.addr, got[0], got[1]))
-                elif isinstance(up, _MapUplink):
-                    for entry in up.take():
+                elif got:
+                    for entry in got:
                         key = (type(codec), up.addr.node, up.addr.lane)
                         frames = entry.frames.get(key)
                         if frames is not None:
@@ -535,7 +664,8 @@ class LiveHub:
         self.conns: set[_Connection] = set()
         self.values: dict[str, dict[object, list[_ValueUplink]]] = {}
         self._watched: dict[str, pa.Array | None] = {}
-        self.agents: dict[str, set[_MapUplink]] = {}
+        self.agents: dict[str, set[_AgentsUplink]] = {}
+        self.lanes: dict[str, _AgentsLane] = {}  # of the types someone links ``agents`` of
         self.link_lanes: dict[str, dict[object, set[_MapUplink]]] = {}
         self._watched_parents: dict[str, pa.Array | None] = {}
         self.pulses: set[_ValueUplink] = set()
@@ -587,7 +717,9 @@ class LiveHub:
                     for c, last in child.last.items():
                         cols[c] = pa.array(last[mr])
                     moves[name] = (pa.table(cols), _keys(parent, old[m]), _keys(parent, new[m]))
-        item = _Tick(stats.tick, dict(eng.emitted), parents, moves, tracked, stats)
+        item = _Tick(
+            stats.tick, dict(eng.emitted), dict(eng.emitted_rows), parents, moves, tracked, stats
+        )
         if len(self._inbox) >= self.backlog:
             self._inbox.clear()
             self._overflow = True
@@ -616,6 +748,12 @@ class LiveHub:
 
     def _fan_out(self, item: _Tick) -> None:
         tick = item.tick
+        for tname, lane in self.lanes.items():
+            batch = item.emitted.get(tname)
+            if batch is not None:
+                lane.apply(tick, item.rows[tname], batch)
+            else:  # a tick that emitted none of the type is still a boundary of its lane
+                lane.tick = max(lane.tick, tick)
         for tname, batch in item.emitted.items():
             subs = self.values.get(tname)
             if subs:
@@ -728,13 +866,10 @@ class LiveHub:
         """Register an uplink; it syncs (or just links) on the next sync round."""
         if addr.kind == "value" or addr.kind == "pulse":
             up: _Uplink = _ValueUplink(conn, addr, sync)
+        elif addr.kind == "agents":
+            up = _AgentsUplink(conn, addr, sync)
         else:
-            key = (
-                self.engine.types[addr.type].key
-                if addr.kind == "agents"
-                else self.engine.links[addr.name].child.type.key
-            )
-            up = _MapUplink(conn, addr, sync, key)
+            up = _MapUplink(conn, addr, sync, self.engine.links[addr.name].child.type.key)
         self.links += 1
         if addr.kind == "value":
             self.values.setdefault(addr.type, {}).setdefault(addr.key, []).append(up)
@@ -760,7 +895,7 @@ class LiveHub:
             return
         up.closed = True
         self.links -= 1
-        up.take()  # release what it had queued
+        up.release()
         addr = up.addr
         if addr.kind == "value":
             subs = self.values.get(addr.type, {})
@@ -771,7 +906,10 @@ class LiveHub:
                     del subs[addr.key]
                     self._watched[addr.type] = None
         elif addr.kind == "agents":
-            self.agents.get(addr.type, set()).discard(up)
+            ups = self.agents.get(addr.type, set())
+            ups.discard(up)
+            if not ups:
+                self.lanes.pop(addr.type, None)
         elif addr.kind == "link":
             per = self.link_lanes.get(addr.name, {})
             s = per.get(addr.key)
@@ -794,8 +932,9 @@ class LiveHub:
         await asyncio.sleep(0)  # let a burst of links arrive first
         while self._syncs:
             batch, self._syncs = self._syncs, []
+            need = {u.addr.type for u in batch if u.addr.kind == "agents"} - set(self.lanes)
             for _attempt in range(200):
-                tick, values = await asyncio.to_thread(self._read_snapshot, batch)
+                tick, values = await asyncio.to_thread(self._read_snapshot, batch, need)
                 # the ring must hold every tick after the snapshot that the loop handed out
                 links_ok = all(
                     all(up.addr.name in it.tracked for it in self._ring if it.tick > tick)
@@ -806,21 +945,27 @@ class LiveHub:
                     break
                 await asyncio.sleep(0.01)
             batch = [up for up in batch if up.conn.uplinks.get((up.addr.node, up.addr.lane)) is up]
+            for tname in need:
+                if self.agents.get(tname):
+                    self.lanes[tname] = self._new_lane(tname, values[tname], tick)
             for up in batch:
                 self._finish_sync(up, tick, values.get(id(up)))
 
-    def _read_snapshot(self, ups: list[_Uplink]) -> tuple[int, dict[int, object]]:
-        """Worker thread: the sync value of each uplink at one tick boundary."""
-        out: dict[int, object] = {}
+    def _read_snapshot(
+        self, ups: list[_Uplink], lanes: set[str]
+    ) -> tuple[int, dict[int | str, object]]:
+        """Worker thread: the sync value of each uplink, and the emitted columns of each of
+        the agent types ``lanes``, at one tick boundary."""
+        out: dict[int | str, object] = {}
         with self.snapshots.reader() as view:
             tick = view.tick
+            for tname in lanes:
+                out[tname] = view.emitted_columns(tname)
             by_type: dict[str, list[_Uplink]] = {}
             for up in ups:
                 a = up.addr
                 if a.kind == "value" and up.want_sync:
                     by_type.setdefault(a.type, []).append(up)
-                elif a.kind == "agents" and up.want_sync:
-                    out[id(up)] = view.emitted_columns(a.type)
                 elif a.kind == "link" and up.want_sync:
                     out[id(up)] = view.children(a.name, a.key)
             for tname, group in by_type.items():
@@ -832,11 +977,32 @@ class LiveHub:
                         out[id(up)] = view.value(tname, up.addr.name, int(r))
         return tick, out
 
+    def _new_lane(self, tname: str, table: pa.Table, tick: int) -> _AgentsLane:
+        """An agents lane from a snapshot's emitted columns at ``tick``, brought up to the
+        newest handed-out tick from the ring."""
+        lane = _AgentsLane(table, tick)
+        for item in self._ring:
+            if item.tick > tick:
+                batch = item.emitted.get(tname)
+                if batch is not None:
+                    lane.apply(item.tick, item.rows[tname], batch)
+        lane.tick = max(lane.tick, self._last)
+        return lane
+
     def _finish_sync(self, up: _Uplink, tick: int, value: object) -> None:
         """Queue the sync value (state at ``tick``), then the ticks handed out since; from
-        then on the uplink takes live offers."""
+        then on the uplink takes live offers. An agents lane's sync is read from the lane
+        when the uplink's turn to send comes."""
         up.syncing = False
         up.since = -1
+        if isinstance(up, _AgentsUplink):
+            if up.want_sync:
+                up.cursor, up.behind = -1, True
+                up.after.append(("synced", None))
+                up.ready()
+            else:
+                up.cursor = self.lanes[up.addr.type].tick
+            return
         if up.addr.kind == "pulse":
             if up.want_sync:
                 up.offer(self._last, self.pulse())
@@ -844,7 +1010,7 @@ class LiveHub:
             if isinstance(up, _ValueUplink):
                 up.offer(tick, value)
             elif isinstance(up, _MapUplink) and value.num_rows:
-                up.offer(_Entry(tick, value))
+                up.offer(_Entry(tick, value), live=False)
         if up.addr.kind != "pulse":
             for item in self._ring:
                 if item.tick > tick:
@@ -865,10 +1031,6 @@ class LiveHub:
             idx = np.flatnonzero(pc.fill_null(hit, _FALSE).to_numpy(zero_copy_only=False))
             if len(idx):
                 up.offer(item.tick, batch.column(a.name)[int(idx[-1])].as_py())
-        elif a.kind == "agents":
-            batch = item.emitted.get(a.type)
-            if batch is not None:
-                up.offer(_Entry(item.tick, _updates(batch)))
         elif a.kind == "link":
             # the bulk fan-out, restricted to this one uplink
             self._fan_out_link(item, a.name, {a.key: (up,)})
@@ -877,12 +1039,13 @@ class LiveHub:
         """The loop fell too far behind: drop every queue and sync everyone afresh."""
         self.resyncs += 1
         self._covered_from = 1 << 62
+        self.lanes.clear()  # they missed ticks: rebuilt by the syncs
         for conn in self.conns:
             for up in conn.uplinks.values():
                 if up.addr.kind in ("command", "pulse"):
                     continue
                 up.syncing = True
-                up.take()
+                up.release()
                 up.want_sync = True
                 self._syncs.append(up)
         if self._syncs and (self._sync_task is None or self._sync_task.done()):
