@@ -37,6 +37,7 @@ carry that tick.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import gc
@@ -45,7 +46,6 @@ import math
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -66,6 +66,7 @@ AGENTS_LANE = "agents"
 COMMAND_LANE = "event"
 WARP_PROTOCOL = "warp0"
 _SHARE_ROWS = 8192  # entries up to this size keep their encoded frames for other uplinks
+_CHUNK = 4096  # map lane rows per JSON frame, and per encoding step of a larger entry
 JSON_PROTOCOL = "vecswim-json"
 
 
@@ -422,8 +423,9 @@ def _json_column(arr: pa.Array | pa.ChunkedArray) -> pa.Array:
         return pc.fill_null(pc.cast(arr, pa.string()), _lit("null"))
     if pa.types.is_floating(t):
         s = pc.cast(arr, pa.string())
-        for word, text in (("nan", "null"), ("inf", '"Infinity"'), ("-inf", '"-Infinity"')):
-            s = pc.if_else(pc.equal(s, _lit(word)), _lit(text), s)
+        if not pc.all(pc.is_finite(arr)).as_py():
+            for word, text in (("nan", "null"), ("inf", '"Infinity"'), ("-inf", '"-Infinity"')):
+                s = pc.if_else(pc.equal(s, _lit(word)), _lit(text), s)
         return pc.fill_null(s, _lit("null"))
     vals = arr.cast(pa.string()).to_pylist()
     return pa.array(["null" if v is None else json.dumps(v) for v in vals], pa.string())
@@ -438,7 +440,10 @@ class _Codec:
     def value(self, addr: Address, tick: int, value: object) -> str:
         raise NotImplementedError
 
-    def entries(self, addr: Address, entry: _Entry) -> Iterator[list[str]]:
+    def encode(self, addr: Address, entry: _Entry, lo: int, hi: int) -> list[str | bytes]:
+        """The frames of updates ``lo:hi`` of ``entry``, then its removes if ``hi`` is its
+        last update. Runs on the hub's encoder thread: Arrow kernels, which release the GIL,
+        do the per-row work."""
         raise NotImplementedError
 
 
@@ -451,21 +456,21 @@ class WarpCodec(_Codec):
     def value(self, addr: Address, tick: int, value: object) -> str:
         return recon.envelope("event", addr.node, addr.lane, recon.write(value))
 
-    def entries(self, addr: Address, entry: _Entry, chunk: int = 4096) -> Iterator[list[str]]:
+    def encode(self, addr: Address, entry: _Entry, lo: int, hi: int) -> list[str | bytes]:
         head = recon.envelope("event", addr.node, addr.lane, "")
-        if entry.updates is not None:
-            t = entry.updates
-            for lo in range(0, t.num_rows, chunk):
-                part = t.slice(lo, chunk)
-                pieces: list = [head + "@update(key:", _recon_column(part.column(0)), "){"]
-                for i, name in enumerate(part.column_names[1:]):
-                    pieces += [("," if i else "") + recon.text(name) + ":"]
-                    pieces.append(_recon_column(part.column(i + 1)))
-                pieces.append("}")
-                yield _join(*pieces).to_pylist()
-        if entry.removes is not None:
-            keys = _recon_column(entry.removes)
-            yield _join(head + "@remove(key:", keys, ")").to_pylist()
+        out: list[str | bytes] = []
+        t = entry.updates
+        if t is not None and hi > lo:
+            part = t.slice(lo, hi - lo)
+            pieces: list = [head + "@update(key:", _recon_column(part.column(0)), "){"]
+            for i, name in enumerate(part.column_names[1:]):
+                pieces += [("," if i else "") + recon.text(name) + ":"]
+                pieces.append(_recon_column(part.column(i + 1)))
+            pieces.append("}")
+            out += _join(*pieces).to_pylist()
+        if entry.removes is not None and hi >= (0 if t is None else t.num_rows):
+            out += _join(head + "@remove(key:", _recon_column(entry.removes), ")").to_pylist()
+        return out
 
 
 class JsonCodec(_Codec):
@@ -490,25 +495,33 @@ class JsonCodec(_Codec):
             }
         )
 
-    def entries(self, addr: Address, entry: _Entry, chunk: int = 4096) -> Iterator[list[str]]:
+    def encode(self, addr: Address, entry: _Entry, lo: int, hi: int) -> list[str | bytes]:
         head = json.dumps(
             {"tag": "event", "node": addr.node, "lane": addr.lane, "tick": entry.tick}
-        )
-        head = head[:-1]
-        if entry.updates is not None:
-            t = entry.updates
-            for lo in range(0, max(t.num_rows, 1), chunk):
-                part = t.slice(lo, chunk)
-                pieces: list = ["[", _json_column(part.column(0)), ",{"]
-                for i, name in enumerate(part.column_names[1:]):
-                    pieces.append(("," if i else "") + json.dumps(name) + ":")
-                    pieces.append(_json_column(part.column(i + 1)))
-                pieces.append("}]")
-                texts = _join(*pieces).to_pylist()
-                yield [f'{head},"updates":[{",".join(texts)}],"removes":[]}}']
-        if entry.removes is not None:
-            removes = "[" + ",".join(_json_column(entry.removes).to_pylist()) + "]"
-            yield [f'{head},"updates":[],"removes":{removes}}}']
+        )[:-1]
+        out: list[str | bytes] = []
+        t = entry.updates
+        for a in range(lo, hi, _CHUNK):
+            part = t.slice(a, min(_CHUNK, hi - a))
+            pieces: list = ["[", _json_column(part.column(0)), ",{"]
+            for i, name in enumerate(part.column_names[1:]):
+                pieces.append(("," if i else "") + json.dumps(name) + ":")
+                pieces.append(_json_column(part.column(i + 1)))
+            pieces.append("}]")
+            out.append(_frame(head + ',"updates":[', _join(*pieces), '],"removes":[]}'))
+        if entry.removes is not None and hi >= (0 if t is None else t.num_rows):
+            keys = _json_column(entry.removes)
+            out.append(_frame(head + ',"updates":[],"removes":[', keys, "]}"))
+        return out
+
+
+def _frame(head: str, items: pa.Array, tail: str) -> bytes:
+    """``head``, the texts of ``items`` joined by commas, ``tail``: one frame's UTF-8, joined
+    by Arrow (no Python string per row)."""
+    joined = pc.binary_join(
+        pa.ListArray.from_arrays(pa.array([0, len(items)], pa.int32()), items), _lit(",")
+    )
+    return _join(head, joined, tail)[0].as_buffer().to_pybytes()
 
 
 def _jsonable(v: object) -> object:
@@ -566,15 +579,37 @@ class _Connection:
         if not self.ws.closed and self.ws._req is not None and self.ws._req.transport is not None:
             self.ws._req.transport.abort()
 
-    async def send(self, frame: str) -> None:
+    async def send(self, frame: str | bytes) -> None:
         try:
             async with asyncio.timeout(self.hub.stall_seconds):
-                await self.ws.send_str(frame)
+                if isinstance(frame, bytes):  # UTF-8 already: no round trip through str
+                    await self.ws.send_frame(frame, WSMsgType.TEXT)
+                else:
+                    await self.ws.send_str(frame)
         except TimeoutError:
             self.too_slow(f"no progress for {self.hub.stall_seconds:g}s")
             raise ConnectionResetError from None
         self.sent += 1
         self.hub.sent += 1
+
+    async def _send_entry(self, addr: Address, entry: _Entry) -> None:
+        """Encode ``entry`` on the hub's encoder thread and send it. A tick's entry (shared
+        by every uplink of its lane) is encoded once for all of them; a larger one (a sync
+        or catch-up, this uplink's own) a chunk at a time."""
+        hub, codec = self.hub, self.codec
+        n = 0 if entry.updates is None else entry.updates.num_rows
+        if entry.rows <= _SHARE_ROWS:
+            key = (type(codec), addr.node, addr.lane)
+            fut = entry.frames.get(key)
+            if fut is None:
+                fut = entry.frames[key] = hub.encode(codec, addr, entry, 0, n)
+            # shielded: this connection ending must not cancel the encoding others await
+            for f in await asyncio.shield(fut):
+                await self.send(f)
+            return
+        for lo in range(0, max(n, 1), _CHUNK):
+            for f in await hub.encode(codec, addr, entry, lo, min(lo + _CHUNK, n)):
+                await self.send(f)
 
     async def writer(self) -> None:
         """Send what the uplinks hold, uplink by uplink, until the connection ends."""
@@ -598,23 +633,7 @@ class _Connection:
                         await self.send(codec.value(up.addr, got[0], got[1]))
                 elif got:
                     for entry in got:
-                        key = (type(codec), up.addr.node, up.addr.lane)
-                        frames = entry.frames.get(key)
-                        if frames is not None:
-                            for f in frames:
-                                await self.send(f)
-                            continue
-                        # encoded a chunk at a time, the loop serving others in between; a
-                        # tick's entry (shared by every uplink of the lane) is kept encoded
-                        keep = [] if entry.rows <= _SHARE_ROWS else None
-                        for part in codec.entries(up.addr, entry):
-                            for f in part:
-                                await self.send(f)
-                            if keep is not None:
-                                keep.extend(part)
-                            await asyncio.sleep(0)
-                        if keep is not None:
-                            entry.frames[key] = keep
+                        await self._send_entry(up.addr, entry)
                 for tag, tick in after:
                     await self.send(codec.control(tag, up.addr, tick, None))
 
@@ -653,6 +672,9 @@ class LiveHub:
         self.pulse_seconds = pulse_seconds
         self.max_message = max_message
         self.commands = Commands(engine)
+        # map lane frames are encoded here, off the loop: one thread, so that encoding for
+        # lagging clients takes at most one core from the engine
+        self.encoder = concurrent.futures.ThreadPoolExecutor(1, "vecswim-live-encode")
         self.loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[_Tick] = deque()
         self._scheduled = False
@@ -976,6 +998,18 @@ class LiveHub:
                     if r >= 0:
                         out[id(up)] = view.value(tname, up.addr.name, int(r))
         return tick, out
+
+    def encode(
+        self, codec: _Codec, addr: Address, entry: _Entry, lo: int, hi: int
+    ) -> asyncio.Future:
+        """The frames of ``entry``'s updates ``lo:hi``, encoded on the encoder thread."""
+        return asyncio.get_running_loop().run_in_executor(
+            self.encoder, codec.encode, addr, entry, lo, hi
+        )
+
+    def close_encoder(self) -> None:
+        """Stop the encoder thread (the server is closing)."""
+        self.encoder.shutdown(wait=False, cancel_futures=True)
 
     def _new_lane(self, tname: str, table: pa.Table, tick: int) -> _AgentsLane:
         """An agents lane from a snapshot's emitted columns at ``tick``, brought up to the

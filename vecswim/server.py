@@ -184,6 +184,8 @@ class SQLServer:
             asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
         self._stop_loop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.live is not None:
+            self.live.close_encoder()
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
