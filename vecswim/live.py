@@ -43,6 +43,7 @@ import functools
 import gc
 import json
 import math
+import threading
 import time
 import urllib.parse
 from collections import deque
@@ -251,8 +252,11 @@ class _AgentsUplink(_Uplink):
 
     def take(self) -> list[_Entry]:
         if self.behind:
-            lane = self.conn.hub.lanes[self.addr.type]
+            hub = self.conn.hub
+            lane = hub.lanes[self.addr.type]
+            t = time.thread_time()
             table = lane.since(self.cursor)
+            hub.spend(time.thread_time() - t)
             self.cursor, self.behind = lane.tick, False
             # a sync is as of the tick its rows were read at
             self.after = [(tag, self.cursor if t is None else t) for tag, t in self.after]
@@ -608,7 +612,8 @@ class _Connection:
                 await self.send(f)
             return
         for lo in range(0, max(n, 1), _CHUNK):
-            for f in await hub.encode(codec, addr, entry, lo, min(lo + _CHUNK, n)):
+            await hub.catch_up_turn()
+            for f in await hub.encode(codec, addr, entry, lo, min(lo + _CHUNK, n), timed=True):
                 await self.send(f)
 
     async def writer(self) -> None:
@@ -626,6 +631,10 @@ class _Connection:
                 control, up.control = up.control, []
                 for tag, tick in control:
                     await self.send(codec.control(tag, up.addr, tick, None))
+                if isinstance(up, _AgentsUplink) and up.behind:
+                    await self.hub.catch_up_turn()
+                    if up.closed:
+                        continue
                 got = up.take()  # before ``after``: an agents lane's sync sets its tick
                 after, up.after = up.after, []
                 if isinstance(up, _ValueUplink):
@@ -644,10 +653,14 @@ class LiveHub:
 
     ``attach(loop)`` hooks it into the engine (``Engine.after_tick``); ``handle(request,
     protocol)`` serves one WebSocket. Engine-thread cost per tick: O(1), plus O(dirty
-    children) numpy for each link whose lane someone watches. ``max_pending``: rows a
-    connection may have queued before it is closed as too slow; ``stall_seconds``: how long a
-    send may wait; ``history``: ticks kept to bring a new sync up to date; ``backlog``: ticks
-    the loop may fall behind before it re-syncs everyone instead.
+    children) numpy for each link whose lane someone watches. ``max_pending``: live rows a
+    connection may have queued before it is closed as too slow; ``compact_rows``: rows a map
+    uplink queues before it coalesces (a link lane merges its queue; an agents lane drops it
+    and catches up from the shared lane state); ``catch_up_share``: the share of one core
+    that catch-ups (the gathers and their encoding) may use, so that lagging clients get
+    coalesced updates less often instead of taking the engine's cores; ``stall_seconds``: how
+    long a send may wait; ``history``: ticks kept to bring a new sync up to date;
+    ``backlog``: ticks the loop may fall behind before it re-syncs everyone instead.
     """
 
     def __init__(
@@ -662,6 +675,7 @@ class LiveHub:
         backlog: int = 1024,
         pulse_seconds: float = 1.0,
         max_message: int = 1 << 16,
+        catch_up_share: float = 0.25,
     ) -> None:
         self.engine = engine
         self.snapshots = snapshots
@@ -675,6 +689,9 @@ class LiveHub:
         # map lane frames are encoded here, off the loop: one thread, so that encoding for
         # lagging clients takes at most one core from the engine
         self.encoder = concurrent.futures.ThreadPoolExecutor(1, "vecswim-live-encode")
+        self.catch_up_share = catch_up_share
+        self._budget_at = 0.0  # catch-up work may start from this monotonic time on
+        self._budget_lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
         self._inbox: deque[_Tick] = deque()
         self._scheduled = False
@@ -1000,12 +1017,34 @@ class LiveHub:
         return tick, out
 
     def encode(
-        self, codec: _Codec, addr: Address, entry: _Entry, lo: int, hi: int
+        self, codec: _Codec, addr: Address, entry: _Entry, lo: int, hi: int, timed: bool = False
     ) -> asyncio.Future:
-        """The frames of ``entry``'s updates ``lo:hi``, encoded on the encoder thread."""
-        return asyncio.get_running_loop().run_in_executor(
-            self.encoder, codec.encode, addr, entry, lo, hi
-        )
+        """The frames of ``entry``'s updates ``lo:hi``, encoded on the encoder thread;
+        ``timed``: its CPU time counts against ``catch_up_share``."""
+        run = asyncio.get_running_loop().run_in_executor
+        if timed:
+            return run(self.encoder, self._timed_encode, codec, addr, entry, lo, hi)
+        return run(self.encoder, codec.encode, addr, entry, lo, hi)
+
+    def _timed_encode(
+        self, codec: _Codec, addr: Address, entry: _Entry, lo: int, hi: int
+    ) -> list[str | bytes]:
+        t = time.thread_time()
+        out = codec.encode(addr, entry, lo, hi)
+        self.spend(time.thread_time() - t)
+        return out
+
+    def spend(self, cpu: float) -> None:
+        """Charge ``cpu`` seconds of catch-up work (any thread) to the budget."""
+        with self._budget_lock:
+            self._budget_at = max(self._budget_at, time.monotonic()) + cpu / self.catch_up_share
+
+    async def catch_up_turn(self) -> None:
+        """Wait until catch-up work is within its budget: a client that lags gets coalesced
+        catch-ups less often, and the engine keeps its cores."""
+        wait = self._budget_at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def close_encoder(self) -> None:
         """Stop the encoder thread (the server is closing)."""
