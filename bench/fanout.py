@@ -52,6 +52,7 @@ async def _clients(url: str, keys: list[int], types: list[str], seconds: float, 
     arrivals: list[tuple[int, float]] = []  # (tick, wall time) of value-lane events
     map_arrivals: list[tuple[int, float]] = []  # and of map-lane frames
     map_frames = [0]
+    map_bytes = [0]
     value_frames = [0]
     ready = asyncio.Event()
     opened = [0]
@@ -98,6 +99,7 @@ async def _clients(url: str, keys: list[int], types: list[str], seconds: float, 
                             continue
                         if is_map:
                             map_frames[0] += 1
+                            map_bytes[0] += len(msg.data)
                             map_arrivals.append((int(m.group(1)), now))
                         else:
                             value_frames[0] += 1
@@ -105,6 +107,7 @@ async def _clients(url: str, keys: list[int], types: list[str], seconds: float, 
                     elif msg.data.startswith("@event"):
                         if is_map:
                             map_frames[0] += 1
+                            map_bytes[0] += len(msg.data)
                         else:
                             value_frames[0] += 1
 
@@ -129,7 +132,7 @@ async def _clients(url: str, keys: list[int], types: list[str], seconds: float, 
         start = float(await asyncio.to_thread(sys.stdin.readline))
         arrivals.clear()
         map_arrivals.clear()
-        map_frames[0] = value_frames[0] = 0
+        map_frames[0] = value_frames[0] = map_bytes[0] = 0
         await asyncio.sleep(max(0.0, start + seconds - time.time()))
         for t in tasks:
             t.cancel()
@@ -137,6 +140,7 @@ async def _clients(url: str, keys: list[int], types: list[str], seconds: float, 
             "arrivals": arrivals,
             "map_arrivals": map_arrivals,
             "map_frames": map_frames[0],
+            "map_bytes": map_bytes[0],
             "value_frames": value_frames[0],
         }
         print(json.dumps(result), flush=True)
@@ -164,6 +168,12 @@ def main() -> None:
     ap.add_argument("--protocol", choices=["json", "warp"], default="json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--map-clients", type=int, default=MAP_CLIENTS, help="clients per agents lane")
+    ap.add_argument(
+        "--catch-up-share",
+        type=float,
+        default=None,
+        help="the hub's catch_up_share (default: the hub's own)",
+    )
     args = ap.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
 
@@ -173,6 +183,8 @@ def main() -> None:
     ended: dict[int, float] = {}
     eng.after_tick.insert(0, lambda s: ended.__setitem__(s.tick, time.time()))
     srv = SQLServer(Snapshots(eng).attach(), port=0)
+    if args.catch_up_share is not None:
+        srv.live.catch_up_share = args.catch_up_share
     url = "ws" + srv.url[4:]
     keys = eng.state("engine").column("engine_id").to_numpy()
     rng = np.random.default_rng(args.seed)
@@ -241,6 +253,7 @@ def main() -> None:
             secs = np.array([s.seconds for s in ticks]) * 1e3
             lat = mlat = at = np.zeros(0)
             frames = (0, 0)
+            map_mb = 0.0
             if client is not None:
                 out = json.loads(client.stdout.readline())
                 client.stdin.close()
@@ -251,6 +264,7 @@ def main() -> None:
                     [(t - ended[k]) * 1e3 for k, t in out["map_arrivals"] if k in ended]
                 )
                 frames = (out["value_frames"], out["map_frames"])
+                map_mb = out["map_bytes"] / 1e6 / args.seconds
             row = {
                 "clients": n,
                 "links": links,
@@ -264,6 +278,7 @@ def main() -> None:
                 "map_lat_p99_ms": float(np.percentile(mlat, 99)) if len(mlat) else float("nan"),
                 "value_frames": frames[0],
                 "map_frames": frames[1],
+                "map_mb_per_s": map_mb,
                 "bytes_per_link": (rss1 - rss0) / links if links else float("nan"),
                 "closed_slow": srv.live.stats()["closed_slow"],
                 "resyncs": srv.live.stats()["resyncs"] - resyncs0,
@@ -289,11 +304,12 @@ def main() -> None:
     base = rows[0]["tick_p99_ms"] if rows[0]["clients"] == 0 else float("nan")
     print(
         f"\n{os.uname().nodename}: {psutil.cpu_count()} cores, {args.agents:,} agents, "
-        f"{args.rate:,.0f} events/s offered, {args.protocol}, {args.seconds:g}s per phase"
+        f"{args.rate:,.0f} events/s offered, {args.protocol}, {args.seconds:g}s per phase, "
+        f"{args.map_clients} clients per agents lane, catch_up_share {srv.live.catch_up_share}"
     )
     print(
         "clients   links  events/s   tick p50  tick p99 (x none)  lat p50  lat p99  lat max"
-        "  map lat p99  value frames  map frames  KiB/link"
+        "  map lat p99  value frames  map frames  map MB/s  KiB/link"
     )
     for r in rows:
         print(
@@ -302,7 +318,8 @@ def main() -> None:
             f"({r['tick_p99_ms'] / base:4.2f})"
             f" {r['lat_p50_ms']:>7.1f}ms {r['lat_p99_ms']:>7.1f}ms {r['lat_max_ms']:>7.1f}ms"
             f" {r['map_lat_p99_ms']:>10.1f}ms"
-            f" {r['value_frames']:>13,} {r['map_frames']:>11,} {r['bytes_per_link'] / 1024:>9.1f}"
+            f" {r['value_frames']:>13,} {r['map_frames']:>11,} {r['map_mb_per_s']:>9.1f}"
+            f" {r['bytes_per_link'] / 1024:>9.1f}"
         )
 
 

@@ -232,43 +232,60 @@ def apply_map(view, frame):
 def test_json_frames_carry_ticks_and_equal_state_at_that_tick(served, compact_rows):
     """Record the engine's state after every tick; every map frame must leave the client's
     view equal to the recorded state of the frame's tick for the keys it touched, and at the
-    end the views equal the final state. With ``compact_rows`` 20 the agents lane uplink
-    falls behind every few ticks and catches up from the shared lane."""
+    end the views equal the final state. Two clients read the agents lane at once; with
+    ``compact_rows`` 20 their uplinks fall behind every few ticks and catch up from the
+    shared lane, in rounds encoded once for both."""
     eng, feed, srv, url = served
     srv.live.compact_rows = compact_rows
     history = {}
     # first of the hooks: recorded before the hub hands the tick to the loop
     eng.after_tick.insert(0, lambda s: history.__setitem__(s.tick, state(eng, "sensor")))
     history[eng.tick_id] = state(eng, "sensor")
-    view, value, ticks = {}, {}, []
-    with connect(url + "/live") as ws:
+    last = []  # the final tick, once the ticker stopped
+
+    def follow(ws, out):
+        view, ticks = {}, []
+        out.update(view=view, ticks=ticks)
         ws.send(json.dumps({"op": "sync", "node": "/sensor", "lane": "agents"}))
         ws.send(json.dumps({"op": "sync", "node": "/sensor/3", "lane": "status"}))
-        with Ticker(eng, feed, n=25):
-            end = time.monotonic() + 2.0
-            while time.monotonic() < end:
-                f = recv(ws)
-                if f["tag"] == "event" and f["lane"] == "agents":
-                    apply_map(view, f)
-                    ticks.append(f["tick"])
-                    snap = history[f["tick"]]
-                    for k, _ in f["updates"]:
-                        assert same(view[k], snap[k]), (f["tick"], k)
-                elif f["tag"] == "event":
-                    value[f["tick"]] = f["value"]
-                    assert f["value"] == history[f["tick"]][3]["status"]
-        final = state(eng, "sensor")
-        last_tick = eng.tick_id
-        deadline = time.monotonic() + 10
-        while (not ticks or ticks[-1] < last_tick) and time.monotonic() < deadline:
-            f = recv(ws)
+        deadline = time.monotonic() + 30
+        while not (last and ticks and ticks[-1] >= last[0]) and time.monotonic() < deadline:
+            try:
+                f = json.loads(ws.recv(timeout=0.2))
+            except TimeoutError:
+                continue  # the ticker may have stopped: look at ``last`` again
             if f["tag"] == "event" and f["lane"] == "agents":
                 apply_map(view, f)
                 ticks.append(f["tick"])
-    assert ticks == sorted(ticks) and ticks[-1] == last_tick
+                snap = history[f["tick"]]
+                for k, _ in f["updates"]:
+                    assert same(view[k], snap[k]), (f["tick"], k)
+            elif f["tag"] == "event":
+                assert f["value"] == history[f["tick"]][3]["status"]
+        out["ok"] = True
+
+    outs = [{}, {}]
+    with connect(url + "/live") as ws1, connect(url + "/live") as ws2:
+        readers = [
+            threading.Thread(target=follow, args=(ws, out), daemon=True)
+            for ws, out in zip((ws1, ws2), outs, strict=True)
+        ]
+        with Ticker(eng, feed, n=25):
+            for r in readers:
+                r.start()
+            time.sleep(2.0)
+        final = state(eng, "sensor")
+        last.append(eng.tick_id)
+        for r in readers:
+            r.join(40)
+    for out in outs:
+        assert out.get("ok"), "a reader failed or timed out"
+        ticks, view = out["ticks"], out["view"]
+        assert ticks == sorted(ticks) and ticks[-1] == last[0]
+        assert view.keys() == final.keys() and all(same(view[k], r) for k, r in final.items())
     if compact_rows == 20:  # the catch-up path ran
-        assert srv.live.stats()["dropped"] > 0
-    assert view.keys() == final.keys() and all(same(view[k], r) for k, r in final.items())
+        st = srv.live.stats()
+        assert st["dropped"] > 0 and st["catch_up_sends"] > st["catch_ups"] > 2
 
 
 def test_sync_replies_and_unknown_nodes_and_lanes(served):

@@ -107,9 +107,10 @@ class _Entry:
     tick: int
     updates: pa.Table | None = None
     removes: pa.Array | None = None
-    # frames already encoded, by (codec, node, lane): one tick's entry is shared by every
-    # uplink of an agents lane, and encoded once for all of them
+    # frames already encoded, by (codec, node, lane[, first row]): a tick's entry is shared
+    # by every uplink of an agents lane, and encoded once for all of them
     frames: dict = field(default_factory=dict)
+    shared: bool = False  # a large entry sent to many uplinks (an agents lane's catch-up)
 
     @property
     def rows(self) -> int:
@@ -252,15 +253,11 @@ class _AgentsUplink(_Uplink):
 
     def take(self) -> list[_Entry]:
         if self.behind:
-            hub = self.conn.hub
-            lane = hub.lanes[self.addr.type]
-            t = time.thread_time()
-            table = lane.since(self.cursor)
-            hub.spend(time.thread_time() - t)
-            self.cursor, self.behind = lane.tick, False
+            entry = self.conn.hub.catch_up(self)
+            self.cursor, self.behind = entry.tick, False
             # a sync is as of the tick its rows were read at
             self.after = [(tag, self.cursor if t is None else t) for tag, t in self.after]
-            return [] if table is None else [_Entry(self.cursor, table)]
+            return [entry] if entry.rows else []
         out = self.entries
         if out:
             self.cursor = out[-1].tick
@@ -285,6 +282,7 @@ class _AgentsLane:
         self.key, self.key_type = table.column_names[0], table.schema.field(0).type
         self.names = table.column_names[1:]
         self.n, self.tick = n, tick
+        self.round: tuple[int, _Entry] | None = None  # the newest catch-up: (cursor, rows)
         cap = max(n, 1024)
         self.keys = _grown(self._keys(table.column(0)), cap)
         self.cols = {
@@ -599,7 +597,8 @@ class _Connection:
     async def _send_entry(self, addr: Address, entry: _Entry) -> None:
         """Encode ``entry`` on the hub's encoder thread and send it. A tick's entry (shared
         by every uplink of its lane) is encoded once for all of them; a larger one (a sync
-        or catch-up, this uplink's own) a chunk at a time."""
+        or catch-up) a chunk at a time within ``catch_up_share``, each chunk once for all
+        uplinks if the entry is ``shared``."""
         hub, codec = self.hub, self.codec
         n = 0 if entry.updates is None else entry.updates.num_rows
         if entry.rows <= _SHARE_ROWS:
@@ -612,8 +611,14 @@ class _Connection:
                 await self.send(f)
             return
         for lo in range(0, max(n, 1), _CHUNK):
-            await hub.catch_up_turn()
-            for f in await hub.encode(codec, addr, entry, lo, min(lo + _CHUNK, n), timed=True):
+            key = (type(codec), addr.node, addr.lane, lo)
+            fut = entry.frames.get(key)
+            if fut is None:
+                await hub.catch_up_turn()
+                fut = hub.encode(codec, addr, entry, lo, min(lo + _CHUNK, n), timed=True)
+                if entry.shared:
+                    entry.frames[key] = fut
+            for f in await asyncio.shield(fut):
                 await self.send(f)
 
     async def writer(self) -> None:
@@ -717,6 +722,8 @@ class LiveHub:
         self.sent = 0
         self.dropped = 0
         self.resyncs = 0  # times the loop fell ``backlog`` ticks behind
+        self.catch_ups = 0  # catch-up rounds gathered for lagging agents-lane uplinks
+        self.catch_up_sends = 0  # and sent (a round serves every uplink it covers)
         self.freeze_after = 500
         self.unfreeze_seconds = 600.0
         self._opened_since = self._closed_since = 0
@@ -1034,6 +1041,24 @@ class LiveHub:
         self.spend(time.thread_time() - t)
         return out
 
+    def catch_up(self, up: _AgentsUplink) -> _Entry:
+        """The lane's current catch-up round if it holds every change ``up`` lacks, else a
+        new one from the oldest cursor of the lane's lagging uplinks: its rows (the latest
+        of each agent changed after that cursor, at the lane's tick) are gathered and
+        encoded once for all of them. Rows a client already has come again unchanged, which
+        is harmless for a map lane."""
+        lane = self.lanes[up.addr.type]
+        r = lane.round
+        if r is None or r[0] > up.cursor or r[1].tick <= up.cursor:
+            base = min(u.cursor for u in self.agents[up.addr.type] if u.behind)
+            t = time.thread_time()
+            table = lane.since(base)
+            self.spend(time.thread_time() - t)
+            r = lane.round = (base, _Entry(lane.tick, table, shared=True))
+            self.catch_ups += 1
+        self.catch_up_sends += 1
+        return r[1]
+
     def spend(self, cpu: float) -> None:
         """Charge ``cpu`` seconds of catch-up work (any thread) to the budget."""
         with self._budget_lock:
@@ -1189,7 +1214,7 @@ class LiveHub:
         """Counters, safe to read from any thread: open connections and links, frames sent,
         updates coalesced away (``dropped``) for slow subscribers, connections closed as
         too slow, malformed requests, commands accepted, re-syncs of everyone after the loop
-        fell behind."""
+        fell behind, catch-up rounds of agents lanes gathered and sent."""
         return {
             "connections": len(self.conns),
             "links": self.links,
@@ -1199,6 +1224,8 @@ class LiveHub:
             "malformed": self.malformed,
             "commands": self.commands.accepted,
             "resyncs": self.resyncs,
+            "catch_ups": self.catch_ups,
+            "catch_up_sends": self.catch_up_sends,
         }
 
     # -- loop thread: one WebSocket --------------------------------------------------------
