@@ -296,7 +296,12 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-            time.sleep(1.0)  # connections wind down
+            # the connections wind down before the next phase (a later no-client phase is a
+            # second baseline only once they are gone)
+            wind = time.monotonic() + 60
+            while srv.live.stats()["connections"] and time.monotonic() < wind:
+                time.sleep(0.2)
+            time.sleep(1.0)
     finally:
         stop.set()
         runner.join(timeout=60)

@@ -680,7 +680,7 @@ class LiveHub:
         backlog: int = 1024,
         pulse_seconds: float = 1.0,
         max_message: int = 1 << 16,
-        catch_up_share: float = 0.25,
+        catch_up_share: float = 0.1,
     ) -> None:
         self.engine = engine
         self.snapshots = snapshots
