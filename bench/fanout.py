@@ -2,7 +2,8 @@
 WebSocket subscribers, measured side by side in one run.
 
     python -m bench.fanout [--agents 1000000] [--rate 1000000] [--clients 0,100,1000,10000]
-                           [--seconds 10] [--protocol json|warp]
+                           [--seconds 10] [--protocol json|warp] [--map-clients 10]
+                           [--catch-up-share F]
 
 One process runs the ``engines`` scenario engine (``--agents`` engines loaded up front, the
 generator offering ``--rate`` events/s in 10 ms ticks) with the SQL/live server. For each
@@ -12,8 +13,10 @@ client count a second process opens that many WebSocket connections, each linked
 reports the tick p50/p99 (``Engine.recent``, ticks that ended inside the measuring window),
 events/s applied, the emission-to-client latency p50/p99/max (arrival time minus the wall time
 at which the tick ended, by the tick each JSON frame carries; WARP frames carry no tick, so
-``--protocol warp`` reports tick times only), frames received, and the server's resident
-memory per link (RSS with the clients minus RSS before they connected, over the links).
+``--protocol warp`` reports tick times only), frames received, the map lane megabytes per
+second the clients received, and the server's resident memory per link (RSS with the clients
+minus RSS before they connected, over the links). Tick p99 is compared with the median of the
+no-client phases of the run.
 
 The client process competes with the engine for this machine's two cores: its figures are an
 upper bound of what a separate client machine would see.
@@ -306,12 +309,16 @@ def main() -> None:
         stop.set()
         runner.join(timeout=60)
         srv.close()
-    base = rows[0]["tick_p99_ms"] if rows[0]["clients"] == 0 else float("nan")
+    # this machine's own noise is as large as the effect measured: with several no-client
+    # phases (e.g. --clients 0,10000,0,10000,0) the ratio is against their median
+    bases = [r["tick_p99_ms"] for r in rows if r["clients"] == 0]
+    base = float(np.median(bases)) if bases else float("nan")
     print(
         f"\n{os.uname().nodename}: {psutil.cpu_count()} cores, {args.agents:,} agents, "
         f"{args.rate:,.0f} events/s offered, {args.protocol}, {args.seconds:g}s per phase, "
         f"{args.map_clients} clients per agents lane, catch_up_share {srv.live.catch_up_share}"
     )
+    print(f"no-client tick p99s: {', '.join(f'{b:.2f}ms' for b in bases)}; x none is their median")
     print(
         "clients   links  events/s   tick p50  tick p99 (x none)  lat p50  lat p99  lat max"
         "  map lat p99  value frames  map frames  map MB/s  KiB/link"

@@ -547,8 +547,11 @@ class _Frame:
 class _Connection:
     """One WebSocket client: its uplinks and the task that writes to it."""
 
-    def __init__(self, hub: LiveHub, ws: web.WebSocketResponse, codec: _Codec) -> None:
+    def __init__(
+        self, hub: LiveHub, request: web.Request, ws: web.WebSocketResponse, codec: _Codec
+    ) -> None:
         self.hub = hub
+        self.request = request
         self.ws = ws
         self.codec = codec
         self.uplinks: dict[tuple[str, str], _Uplink] = {}
@@ -578,8 +581,9 @@ class _Connection:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await self.ws.close(code=code, message=reason.encode()[:120])
-        if not self.ws.closed and self.ws._req is not None and self.ws._req.transport is not None:
-            self.ws._req.transport.abort()
+        transport = self.request.transport
+        if not self.ws.closed and transport is not None:
+            transport.abort()  # the close handshake did not finish: drop the socket
 
     async def send(self, frame: str | bytes) -> None:
         try:
@@ -1237,7 +1241,7 @@ class LiveHub:
             max_msg_size=self.max_message,
         )
         await ws.prepare(request)
-        conn = _Connection(self, ws, WarpCodec() if protocol == "warp" else JsonCodec())
+        conn = _Connection(self, request, ws, WarpCodec() if protocol == "warp" else JsonCodec())
         self.conns.add(conn)
         self._opened_since += 1
         writer = asyncio.get_running_loop().create_task(conn.writer())
