@@ -111,6 +111,8 @@ class _Entry:
     # by every uplink of an agents lane, and encoded once for all of them
     frames: dict = field(default_factory=dict)
     shared: bool = False  # a large entry sent to many uplinks (an agents lane's catch-up)
+    readers: int = 0  # of a shared entry: the uplinks it was handed to
+    sent: dict = field(default_factory=dict)  # and of those, how many sent each chunk
 
     @property
     def rows(self) -> int:
@@ -253,8 +255,14 @@ class _AgentsUplink(_Uplink):
 
     def take(self) -> list[_Entry]:
         if self.behind:
-            entry = self.conn.hub.catch_up(self)
-            self.cursor, self.behind = entry.tick, False
+            hub = self.conn.hub
+            entry = hub.catch_up(self)
+            # a round gathered ticks ago leaves this uplink behind still: the ticks since
+            # were offered while it was behind, and come from the lane next time
+            self.cursor = entry.tick
+            self.behind = entry.tick < hub.lanes[self.addr.type].tick
+            if self.behind:
+                self.ready()
             # a sync is as of the tick its rows were read at
             self.after = [(tag, self.cursor if t is None else t) for tag, t in self.after]
             return [entry] if entry.rows else []
@@ -622,7 +630,14 @@ class _Connection:
                 fut = hub.encode(codec, addr, entry, lo, min(lo + _CHUNK, n), timed=True)
                 if entry.shared:
                     entry.frames[key] = fut
-            for f in await asyncio.shield(fut):
+            frames = await asyncio.shield(fut)
+            if entry.shared:
+                # once every uplink it was handed to has this chunk, its frames can go (an
+                # uplink that joins the round later encodes it again)
+                entry.sent[key] = done = entry.sent.get(key, 0) + 1
+                if done >= entry.readers:
+                    entry.frames.pop(key, None)
+            for f in frames:
                 await self.send(f)
 
     async def writer(self) -> None:
@@ -1061,6 +1076,7 @@ class LiveHub:
             r = lane.round = (base, _Entry(lane.tick, table, shared=True))
             self.catch_ups += 1
         self.catch_up_sends += 1
+        r[1].readers += 1
         return r[1]
 
     def spend(self, cpu: float) -> None:
