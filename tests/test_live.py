@@ -25,7 +25,14 @@ from websockets.sync.client import connect
 import vecswim as vs
 from vecswim import client as liveclient
 from vecswim import recon
-from vecswim.live import CommandSource, LiveHub, _AgentsLane
+from vecswim.live import (
+    CommandSource,
+    JsonCodec,
+    LiveHub,
+    _AgentsLane,
+    _AgentsUplink,
+    _Connection,
+)
 from vecswim.server import SQLServer
 from vecswim.snapshot import Snapshots
 
@@ -721,3 +728,53 @@ def test_agents_lane_returns_the_latest_row_per_key_changed_since_a_cursor(
         assert got.column_names == ["id", "v"] and got.schema.field(0).type == ktype
         assert got.column("id").to_pylist() == [k for _, k, _ in want]
         assert got.column("v").to_pylist() == [v for _, _, v in want]
+
+
+def test_an_uplink_that_takes_an_older_catch_up_round_catches_up_again():
+    """Two lagging agents-lane uplinks, driven by hand: A takes a catch-up round, ticks go
+    by (B, behind, is offered nothing), then B takes the same round, gathered ticks ago. B
+    must stay behind and catch up from that round's tick: its view ends equal to the state
+    at the newest tick, not at the round's."""
+    eng, feed = make()
+    snaps = Snapshots(eng).attach()
+    hub = LiveHub(eng, snaps)  # no loop: ticks are handed over by draining by hand
+    eng.after_tick.append(hub.after_tick)
+    try:
+        with snaps.reader() as view:
+            t0, table = view.tick, view.emitted_columns("sensor")
+        hub.lanes["sensor"] = hub._new_lane("sensor", table, t0)
+        ups = []
+        for _ in range(2):
+            conn = _Connection(hub, None, None, JsonCodec())
+            up = _AgentsUplink(conn, hub.resolve("/sensor", "agents"), sync=True)
+            up.syncing, up.cursor, up.behind = False, -1, True
+            hub.agents.setdefault("sensor", set()).add(up)
+            ups.append(up)
+        a, b = ups
+        views = [{}, {}]
+
+        def take(i, up):
+            for entry in up.take():
+                for k, row in zip(
+                    entry.updates.column(0).to_pylist(),
+                    entry.updates.drop_columns([entry.updates.column_names[0]]).to_pylist(),
+                    strict=True,
+                ):
+                    views[i][k] = row
+
+        take(0, a)  # a round from cursor -1 at t0
+        for _ in range(3):
+            eng.tick(feed.batch(25))
+            hub._drain()
+        assert hub.lanes["sensor"].tick == eng.tick_id > t0
+        take(1, b)  # the same round: state at t0
+        assert b.cursor == t0 and b.behind
+        assert hub.stats()["catch_ups"] == 1 and hub.stats()["catch_up_sends"] == 2
+        take(1, b)  # a new round from t0
+        assert b.cursor == eng.tick_id and not b.behind
+        take(0, a)  # a kept up: its queued ticks
+        final = state(eng, "sensor")
+        for v in views:
+            assert v.keys() == final.keys() and all(same(v[k], r) for k, r in final.items())
+    finally:
+        hub.close_encoder()
