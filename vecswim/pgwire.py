@@ -59,21 +59,18 @@ Why no library (checked 2026-11, for Python 3.11 on Debian 12, glibc 2.36):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import re
 import struct
-import sys
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from vecswim.loopthread import LoopThread
 from vecswim.snapshot import Snapshots
 from vecswim.sql import SQLError, execute
 
@@ -144,21 +141,9 @@ class PgServer:
         self.rejected = 0
         self.connections = 0  # open now, authenticated or not
         self.running = 0  # queries in the thread pool now
-        # As in SQLServer: the engine thread must get the GIL back quickly from query threads
-        # (encoding rows here is Python work).
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="vecswim-pg")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="vecswim-pgwire", daemon=True
-        )
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._start(bind, port, backlog), self._loop).result()
-        except BaseException:
-            self._stop_loop()
-            self._pool.shutdown(wait=False)
-            raise
+        self._bg = LoopThread("vecswim-pgwire", max_concurrent)
+        self._pool = self._bg.pool
+        self._bg.start(self._start(bind, port, backlog))
 
     async def _start(self, bind: str, port: int, backlog: int) -> None:
         self._slots = asyncio.Semaphore(self.max_concurrent)
@@ -169,25 +154,10 @@ class PgServer:
 
     def close(self) -> None:
         """Stop listening, end every connection (FATAL 57P01) and the loop thread; idempotent."""
-        if self._loop.is_closed():
-            return
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
-        self._stop_loop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._bg.close(self._stop)
 
     async def _stop(self) -> None:
         self._server.close()
-        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in rest:
-            t.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1

@@ -38,9 +38,6 @@ import json
 import math
 import os
 import socket
-import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
 import pyarrow as pa
@@ -50,6 +47,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from vecswim.live import LiveHub
+from vecswim.loopthread import LoopThread
 from vecswim.snapshot import Snapshots
 from vecswim.sql import SQLError, execute, tables_for
 
@@ -104,21 +102,9 @@ class SQLServer:
         self.rejected = 0  # answered 503
         self.running = 0  # queries in the thread pool now
         self.waiting = 0  # queries waiting for a turn
-        # The engine thread must not wait long for the GIL while a query thread runs Python:
-        # hand it over every 0.5 ms instead of the default 5 ms.
-        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-        self._pool = ThreadPoolExecutor(max_concurrent, thread_name_prefix="vecswim-sql")
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="vecswim-sql-http", daemon=True
-        )
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._start(bind, port, backlog), self._loop).result()
-        except BaseException:
-            self._stop_loop()
-            self._pool.shutdown(wait=False)
-            raise
+        self._bg = LoopThread("vecswim-sql-http", max_concurrent)
+        self._pool, self._loop = self._bg.pool, self._bg.loop
+        self._bg.start(self._start(bind, port, backlog))
         host = f"[{bind}]" if ":" in bind else bind
         self.url = f"http://{host}:{self.port}"
         self.live: LiveHub | None = None
@@ -168,30 +154,17 @@ class SQLServer:
     async def _stop(self) -> None:
         self._server.close()
         await self._runner.cleanup()
-        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in rest:
-            t.cancel()
-        await asyncio.gather(*rest, return_exceptions=True)
 
     def close(self) -> None:
         """Stop listening, end the connections and the loop thread (idempotent)."""
-        if self._loop.is_closed():
+        if self._bg.closed:
             return
         if self.live is not None:
             with contextlib.suppress(ValueError):
                 self.snapshots.engine.after_tick.remove(self.live.after_tick)
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(timeout=10)
-        self._stop_loop()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._bg.close(self._stop)
         if self.live is not None:
             self.live.close_encoder()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
 
     # -- request handling (on the loop thread) ---------------------------------------------
 
