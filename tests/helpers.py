@@ -57,3 +57,20 @@ def final_state_matches(eng: vs.Engine, agents: dict, agent_type: str, columns) 
     for k, a in agents.items():
         got = {c: state[k][c] for c in columns}
         assert got == canon_ref({k: {c: a[c] for c in columns}})[k], k
+
+
+# Over the engines scenario: fleets whose aggregates differ from their children's, and engines
+# counted by no fleet. Both are 0 in any result that saw whole ticks only.
+INVARIANT = """
+WITH kids AS (
+    SELECT l.parent_fleet_id AS fleet_id, count(*) AS n, sum(e.status) AS red,
+           max(e.engine_temp) AS hot
+    FROM engine_fleet l JOIN engine e ON e.engine_id = l.child_engine_id GROUP BY 1)
+SELECT
+    (SELECT count(*) FROM fleet f LEFT JOIN kids k USING (fleet_id)
+     WHERE f.engines != coalesce(k.n, 0) OR f.red_engines != coalesce(k.red, 0)
+        OR f.max_engine_temp IS DISTINCT FROM k.hot) AS bad_fleets,
+    coalesce((SELECT sum(engines) FROM fleet), 0) - (SELECT count(*) FROM engine)
+        AS lost_engines,
+    (SELECT value FROM metrics WHERE name = 'tick') AS tick
+"""

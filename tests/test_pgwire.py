@@ -18,6 +18,7 @@ import pytest
 from vecswim.scenarios import engines
 
 import vecswim as vs
+from tests.helpers import INVARIANT
 from vecswim.engine import LiveView
 from vecswim.pgwire import PgServer
 from vecswim.snapshot import Snapshots
@@ -161,21 +162,6 @@ def test_psycopg_results_equal_execute_at_the_same_tick():
     finally:
         live.stop()
     assert len(ticks) > 3  # the state moved under the queries
-
-
-INVARIANT = """
-WITH kids AS (
-    SELECT l.parent_fleet_id AS fleet_id, count(*) AS n, sum(e.status) AS red,
-           max(e.engine_temp) AS hot
-    FROM engine_fleet l JOIN engine e ON e.engine_id = l.child_engine_id GROUP BY 1)
-SELECT
-    (SELECT count(*) FROM fleet f LEFT JOIN kids k USING (fleet_id)
-     WHERE f.engines != coalesce(k.n, 0) OR f.red_engines != coalesce(k.red, 0)
-        OR f.max_engine_temp IS DISTINCT FROM k.hot) AS bad_fleets,
-    coalesce((SELECT sum(engines) FROM fleet), 0) - (SELECT count(*) FROM engine)
-        AS lost_engines,
-    (SELECT value FROM metrics WHERE name = 'tick') AS tick
-"""
 
 
 def test_every_query_sees_one_tick_boundary_while_the_engine_ticks():

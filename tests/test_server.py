@@ -19,7 +19,7 @@ import pytest
 from vecswim.scenarios import engines
 
 import vecswim as vs
-from tests.helpers import canon_ref, canon_rows
+from tests.helpers import INVARIANT, canon_ref, canon_rows
 from vecswim.server import ARROW_STREAM, SQLServer
 from vecswim.snapshot import Snapshots
 
@@ -96,21 +96,6 @@ def test_results_equal_reference_at_the_reported_tick():
         runner.join()
         srv.close()
     assert len(seen) >= 3  # queries really interleaved with ticks
-
-
-INVARIANT = """
-WITH kids AS (
-    SELECT l.parent_fleet_id AS fleet_id, count(*) AS n, sum(e.status) AS red,
-           max(e.engine_temp) AS hot
-    FROM engine_fleet l JOIN engine e ON e.engine_id = l.child_engine_id GROUP BY 1)
-SELECT
-    (SELECT count(*) FROM fleet f LEFT JOIN kids k USING (fleet_id)
-     WHERE f.engines != coalesce(k.n, 0) OR f.red_engines != coalesce(k.red, 0)
-        OR f.max_engine_temp IS DISTINCT FROM k.hot) AS bad_fleets,
-    coalesce((SELECT sum(engines) FROM fleet), 0) - (SELECT count(*) FROM engine)
-        AS lost_engines,
-    (SELECT value FROM metrics WHERE name = 'tick') AS tick
-"""
 
 
 def test_invariants_hold_on_thousands_of_live_queries():
