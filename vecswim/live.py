@@ -280,9 +280,10 @@ class _AgentsLane:
 
     ``ver[row]`` is the tick that last changed the row, so an uplink that fell behind
     catches up with the rows changed since its cursor, each at its latest value (map lanes
-    coalesce per key), in one gather: there is no per-uplink queue to merge. Memory: the
-    emitted columns plus 8 bytes per agent. Cost: O(emitted rows) per tick; a catch-up is
-    one O(agents) scan plus O(changed rows).
+    coalesce per key), in one gather: there is no per-uplink queue to merge. A row's key
+    never changes, so keys are kept once, as Arrow, where ``key_pos[row]`` points (no Python
+    object per key). Memory: the emitted columns, the keys, and 16 bytes per agent. Cost:
+    O(emitted rows) numpy per tick; a catch-up is one O(agents) scan plus O(changed rows).
     """
 
     def __init__(self, table: pa.Table, tick: int) -> None:
@@ -292,16 +293,13 @@ class _AgentsLane:
         self.n, self.tick = n, tick
         self.round: tuple[int, _Entry] | None = None  # the newest catch-up: (cursor, rows)
         cap = max(n, 1024)
-        self.keys = _grown(self._keys(table.column(0)), cap)
+        self._key_chunks = [table.column(0).combine_chunks()]
+        self._key_count = n
+        self.key_pos = _grown(np.arange(n, dtype=np.int64), cap, -1)
         self.cols = {
             c: _grown(table.column(c).to_numpy(zero_copy_only=False), cap) for c in self.names
         }
         self.ver = _grown(np.full(n, tick, np.int64), cap, -1)
-
-    def _keys(self, col: pa.Array | pa.ChunkedArray) -> np.ndarray:
-        if pa.types.is_integer(col.type):
-            return col.to_numpy(zero_copy_only=False)
-        return np.array(col.to_pylist(), dtype=object)
 
     def apply(self, tick: int, rows: np.ndarray, batch: pa.RecordBatch) -> None:
         """Take one handed-out tick's emission of this type (``rows``: the agents' rows);
@@ -314,11 +312,17 @@ class _AgentsLane:
         top = int(rows.max()) + 1
         if top > len(self.ver):
             cap = max(top, 2 * len(self.ver))
-            self.keys = _grown(self.keys, cap)
+            self.key_pos = _grown(self.key_pos, cap, -1)
             self.cols = {c: _grown(a, cap) for c, a in self.cols.items()}
             self.ver = _grown(self.ver, cap, -1)
         self.n = max(self.n, top)
-        self.keys[rows] = self._keys(batch.column(0))
+        new = np.flatnonzero(self.ver[rows] < 0)  # agents the lane has not seen yet
+        if len(new):
+            self.key_pos[rows[new]] = self._key_count + np.arange(len(new))
+            self._key_chunks.append(batch.column(0).take(pa.array(new)).cast(self.key_type))
+            self._key_count += len(new)
+            if len(self._key_chunks) > 64:
+                self._key_chunks = [pa.concat_arrays(self._key_chunks)]
         for c in self.names:
             self.cols[c][rows] = batch.column(c).to_numpy(zero_copy_only=False)
         self.ver[rows] = tick
@@ -329,7 +333,9 @@ class _AgentsLane:
         rows = np.flatnonzero(self.ver[: self.n] > cursor)
         if not len(rows):
             return None
-        data = {self.key: pa.array(self.keys[rows], self.key_type)}
+        if len(self._key_chunks) > 1:  # one array: a take over many chunks is slower
+            self._key_chunks = [pa.concat_arrays(self._key_chunks)]
+        data = {self.key: self._key_chunks[0].take(pa.array(self.key_pos[rows]))}
         for c in self.names:
             data[c] = pa.array(self.cols[c][rows])
         return pa.table(data)
