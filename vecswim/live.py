@@ -533,11 +533,12 @@ class JsonCodec(_Codec):
 
 def _frame(head: str, items: pa.Array, tail: str) -> bytes:
     """``head``, the texts of ``items`` joined by commas, ``tail``: one frame's UTF-8, joined
-    by Arrow (no Python string per row)."""
+    by Arrow (no Python string per row). ``head`` carries the tick: it is not made an Arrow
+    literal, which ``_lit`` would cache once per tick."""
     joined = pc.binary_join(
         pa.ListArray.from_arrays(pa.array([0, len(items)], pa.int32()), items), _lit(",")
-    )
-    return _join(head, joined, tail)[0].as_buffer().to_pybytes()
+    )[0].as_buffer()
+    return b"".join((head.encode(), b"" if joined is None else joined, tail.encode()))
 
 
 def _jsonable(v: object) -> object:
