@@ -375,12 +375,38 @@ class TmpfsDisk:
         self.filler = path / "filler"
 
     def full(self, _pid: int) -> None:
-        st = os.statvfs(self.path)
-        with open(self.filler, "wb") as fh, contextlib.suppress(OSError):
-            fh.write(b"\0" * (st.f_bavail * st.f_frsize))
+        """Fill it, and keep it full: a checkpoint write the fill cuts short removes its
+        temporary file, and the tick journal would get that space back. Returns once such
+        a write has had time to fail (its checkpoints run every 0.3 s)."""
+        self._fh = open(self.filler, "wb", buffering=0)  # noqa: SIM115 (closed by space_back)
+        self._fill()
         assert os.statvfs(self.path).f_bavail == 0
+        self._stop = threading.Event()
+        self._topper = threading.Thread(target=self._top_up, daemon=True)
+        self._topper.start()
+        time.sleep(1.0)
+
+    def _fill(self) -> None:
+        st = os.statvfs(self.path)
+        left = st.f_bavail * st.f_frsize
+        while left > 0:
+            try:
+                wrote = self._fh.write(b"\0" * left)
+            except OSError:
+                return
+            if not wrote:
+                return
+            left -= wrote
+
+    def _top_up(self) -> None:
+        while not self._stop.wait(0.005):
+            if os.statvfs(self.path).f_bavail:
+                self._fill()
 
     def space_back(self, _pid: int) -> None:
+        self._stop.set()
+        self._topper.join()
+        self._fh.close()
         self.filler.unlink()
 
     def readonly(self, _pid: int) -> None:
@@ -523,12 +549,17 @@ def test_sigterm_stops_with_a_final_checkpoint_and_acknowledgements(pulsar_broke
 
 
 # -- overload ------------------------------------------------------------------------------------
-def offer(url: str, t: str, seconds: float, rate: float, agents: int, per: int = 1000) -> dict:
+def offer(
+    url: str, t: str, seconds: float, rate: float, agents: int, per: int = 1000, into=None
+) -> dict:
     """Publish Arrow IPC messages of ``per`` events (pre-encoded: the publisher is cheap) at
-    ``rate`` events/s (0: as fast as the broker takes them) for ``seconds``."""
+    ``rate`` events/s (0: as fast as the broker takes them) for ``seconds``. ``into["pub"]``
+    is the publisher, for its ``confirmed`` count while it runs."""
     gen = engines.Generator(agents, seed=3)
     payloads = [pulsar_io.arrow_payload(gen.make(per)["engine"]) for _ in range(64)]
     pub = pulsar_io.EventPublisher(url, t, "engine_id", "arrow", events_per_message=per)
+    if into is not None:
+        into["pub"] = pub
     t0 = time.monotonic()
     sent = 0
     while (now := time.monotonic()) - t0 < seconds:
@@ -537,8 +568,9 @@ def offer(url: str, t: str, seconds: float, rate: float, agents: int, per: int =
             continue
         pub.send_raw(payloads[sent % len(payloads)])
         sent += 1
+    took = time.monotonic() - t0
     pub.close()
-    return {"events": sent * per, "seconds": time.monotonic() - t0}
+    return {"events": sent * per, "persisted": pub.confirmed * per, "seconds": took}
 
 
 def overload(url: str, ckdir: Path, seconds: float, rate: float, agents: int, log=print) -> dict:
@@ -554,8 +586,10 @@ def overload(url: str, ckdir: Path, seconds: float, rate: float, agents: int, lo
         run.wait_for(r"^vecswim: running", 120)
         proc = psutil.Process(run.proc.pid)
         offered: dict = {}
+        live: dict = {}
         pub = threading.Thread(
-            target=lambda: offered.update(offer(url, t, seconds, rate, agents)), daemon=True
+            target=lambda: offered.update(offer(url, t, seconds, rate, agents, into=live)),
+            daemon=True,
         )
         t0 = time.monotonic()
         pub.start()
@@ -567,6 +601,8 @@ def overload(url: str, ckdir: Path, seconds: float, rate: float, agents: int, lo
                     "t": round(time.monotonic() - t0, 1),
                     "rss_mib": round(proc.memory_info().rss / 2**20),
                     "events": m["events"],
+                    # what the broker has taken so far: the engine can be behind only that
+                    "persisted": live["pub"].confirmed * 1000 if "pub" in live else 0,
                     "lag_ms": m.get("source_lag_ms", 0),
                     "unacked": m.get("source_unacked", 0),
                 }
@@ -584,26 +620,32 @@ def overload(url: str, ckdir: Path, seconds: float, rate: float, agents: int, lo
 
 @pytest.mark.pulsar
 def test_overload_memory_stays_bounded_and_lag_shows(fault_broker, tmp_path):
-    """Events are offered as fast as the broker takes them (Arrow, pre-encoded) for 20 s,
-    several times what the engine consumes. The engine's RSS levels off (a bounded receiver
-    queue, no payloads kept for acknowledgement) while the lag in the ``metrics`` table
-    grows: the engine pulls only what it can take, the backlog stays in the broker."""
+    """Events are offered as fast as the broker takes them (Arrow, pre-encoded) for 20 s:
+    the broker takes them several times faster than it dispatches them and the engine
+    applies them. The engine's RSS levels off (a bounded receiver queue, no payloads kept
+    for acknowledgement) while the lag in the ``metrics`` table shows and grows: the engine
+    pulls only what it can take, the backlog stays in the broker. (The broker's storage
+    under this write load can stall dispatch for seconds: once receives stay empty for a
+    second the lag reads 0, so growth is judged by each third's largest lag.)"""
     fault_broker.ensure_started()
     out = overload(fault_broker.url, tmp_path / "ck", 20, 0, 1_000_000)
     s = out["samples"]
     consumed = s[-1]["events"] - s[0]["events"]
-    assert consumed < 0.7 * out["offered"]["events"], (consumed, out["offered"])  # overloaded
+    # overloaded: the broker took far more than the engine applied (offered counts sends the
+    # client still had queued, so it is measured against what the broker acknowledged)
+    assert consumed < 0.7 * out["offered"]["persisted"], (consumed, out["offered"], s)
     lags = [x["lag_ms"] for x in s]
-    assert lags[-1] > 3000 and lags[-1] > lags[len(s) // 3], lags  # lag visible and growing
+    third = len(s) // 3
+    assert max(lags[third:]) > 3000 and max(lags[third:]) > max(lags[:third]), s  # growing
     rss = [x["rss_mib"] for x in s]
     # levelled off after the first third (warm-up, receiver queue filling); the sharp check
     # of the leak this found is test_emission_log_keeps_only_emitted_rows
-    third = len(rss) // 3
     assert max(rss[2 * third :]) <= max(rss[:third]) * 1.1 + 48, rss
     print(
         f"offered {out['offered']['events']:,} events in {out['offered']['seconds']:.0f} s, "
         f"consumed {consumed:,}; RSS {rss[0]}..{max(rss)} MiB (first third max "
-        f"{max(rss[:third])}, last third max {max(rss[2 * third :])}); lag {lags[-1]:,} ms"
+        f"{max(rss[:third])}, last third max {max(rss[2 * third :])}); lag {lags[-1]:,} ms "
+        f"(largest {max(lags):,} ms)"
     )
 
 

@@ -122,6 +122,8 @@ class PulsarSource:
     (``counts["redelivered"]``). ``gauges()``: lag, unacknowledged messages, connection.
     """
 
+    idle_seconds = 1.0  # receives empty for this long: caught up, the lag gauge reads 0
+
     def __init__(
         self,
         service_url: str,
@@ -254,6 +256,7 @@ class PulsarSource:
         self._reported = 0.0
         self._checked = 0.0
         self._lag_ms = 0
+        self._got_at = time.monotonic()  # when a receive last brought messages
 
     # -- polling ------------------------------------------------------------------------------
     @property
@@ -438,6 +441,7 @@ class PulsarSource:
         ids = [msgs[-1].message_id()] if self.cumulative else [m.message_id() for m in msgs]
         self._unacked.append((self._polled, ids))
         self._lag_ms = max(0, int(time.time() * 1000) - msgs[-1].publish_timestamp())
+        self._got_at = time.monotonic()
 
     def _watch_connection(self, got: bool) -> None:
         """Track the consumer's connection (checked at most once a second) and report an
@@ -465,12 +469,15 @@ class PulsarSource:
                 f"{now - self._down_since:.0f} s"
             )
             self._down_since = None
-        if not got:
-            self._lag_ms = 0 if self.connected else self._lag_ms
+        # caught up only once receives stay empty for a while: under overload the receiver
+        # queue runs empty for a moment between fetches while the backlog is large
+        if not got and self.connected and now - self._got_at >= self.idle_seconds:
+            self._lag_ms = 0
 
     def gauges(self) -> dict[str, int]:
         """For the ``metrics`` table: ``source_lag_ms`` (age of the newest message polled,
-        by publish time: how far behind the engine is), ``source_unacked`` (messages polled
+        by publish time: how far behind the engine is; 0 once receives brought nothing for
+        ``idle_seconds``), ``source_unacked`` (messages polled
         but not yet acknowledged), ``source_connected`` (0/1), ``source_redelivered``."""
         return {
             "source_lag_ms": self._lag_ms,
@@ -701,11 +708,14 @@ class _Producer:
         self._errors: list[str] = []
         self._lock = threading.Lock()
         self._closed = False
+        self.confirmed = 0  # messages the broker acknowledged (persisted)
 
     def _done(self, res, _msg_id) -> None:
         if res != pulsar.Result.Ok:
             with self._lock:
                 self._errors.append(str(res))
+        else:
+            self.confirmed += 1  # one callback thread: the only writer
 
     def _raise(self) -> None:
         with self._lock:
