@@ -198,14 +198,14 @@ def main() -> None:
     )
     runner.start()
     proc_self = psutil.Process()
-    gc_pauses: list[float] = []
+    gc_pauses: list[tuple[int, float]] = []  # (generation, seconds) of each collection
     gc_start = [0.0]
 
     def on_gc(phase: str, info: dict) -> None:
         if phase == "start":
             gc_start[0] = time.perf_counter()
         else:
-            gc_pauses.append(time.perf_counter() - gc_start[0])
+            gc_pauses.append((info["generation"], time.perf_counter() - gc_start[0]))
 
     gc.callbacks.append(on_gc)
     rows = []
@@ -285,8 +285,16 @@ def main() -> None:
                 "bytes_per_link": (rss1 - rss0) / links if links else float("nan"),
                 "closed_slow": srv.live.stats()["closed_slow"],
                 "resyncs": srv.live.stats()["resyncs"] - resyncs0,
-                "gc_max_ms": max(gc_pauses, default=0.0) * 1e3,
-                "gc_total_ms": sum(gc_pauses) * 1e3,
+                "gc_max_ms": max((p for _, p in gc_pauses), default=0.0) * 1e3,
+                "gc_total_ms": sum(p for _, p in gc_pauses) * 1e3,
+                # per generation: collections, the longest and all together (ms)
+                "gc_by_generation": {
+                    g: [len(ps), round(max(ps) * 1e3, 1), round(sum(ps) * 1e3, 1)]
+                    for g in range(3)
+                    if (ps := [p for gg, p in gc_pauses if gg == g])
+                },
+                "gc_tracked": len(gc.get_objects()),
+                "gc_frozen": gc.get_freeze_count(),
                 # the worst latency in each second of the window: where the tail comes from
                 "lat_max_by_second_ms": [
                     round(float(lat[(at >= i) & (at < i + 1)].max()), 1)
