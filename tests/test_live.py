@@ -703,13 +703,17 @@ def test_recon_writes_what_it_parses(v):
         st.lists(st.tuples(st.integers(0, 300), st.integers(-5, 5)), max_size=30), max_size=12
     ),
     cursors=st.lists(st.integers(-1, 14), min_size=1, max_size=4),
+    defer_at=st.integers(0, 13),
 )
 def test_agents_lane_returns_the_latest_row_per_key_changed_since_a_cursor(
-    string_keys, first, ticks, cursors
+    string_keys, first, ticks, cursors, defer_at
 ):
     """The shared agents lane against a dict model: rows emitted tick by tick (new agents
     past the end, gaps, repeats within a tick: the last wins, as the engine emits at most
-    once per row), then for any cursor the rows changed after it, each at its latest value."""
+    once per row; a tick without rows only advances the lane), then for any cursor the rows
+    changed after it, each at its latest value. From tick ``defer_at`` on the ticks come
+    while a catch-up reads the lane (deferred): it stays as of the tick before, and
+    ``resume`` brings it to the newest."""
     ktype = pa.large_string() if string_keys else pa.int64()
 
     def key(r):
@@ -720,7 +724,24 @@ def test_agents_lane_returns_the_latest_row_per_key_changed_since_a_cursor(
     )
     lane = _AgentsLane(base, 1)
     model = {r: (key(r), r * 1.5, 1) for r in range(first)}  # row -> key, value, tick
+
+    def check(model, c):
+        got = lane.since(c)
+        want = sorted((r, k, v) for r, (k, v, t) in model.items() if t > c)
+        if not want:
+            assert got is None
+            return
+        assert got.column_names == ["id", "v"] and got.schema.field(0).type == ktype
+        assert got.column("id").to_pylist() == [k for _, k, _ in want]
+        assert got.column("v").to_pylist() == [v for _, _, v in want]
+
+    held = None  # the model and tick when the deferral began
     for tick, rows in enumerate(ticks, start=2):
+        if tick - 2 == defer_at:
+            lane.deferred, held = [], (dict(model), lane.tick)
+        if not rows:
+            lane.advance(tick)
+            continue
         last = dict(rows)  # one emission per row per tick
         rs = np.array(sorted(last), np.int64)
         vals = np.array([float(last[r]) for r in rs])
@@ -728,15 +749,14 @@ def test_agents_lane_returns_the_latest_row_per_key_changed_since_a_cursor(
         lane.apply(tick, rs, batch)
         for r in rs:
             model[int(r)] = (key(int(r)), float(last[int(r)]), tick)
+    if held is not None:
+        assert lane.tick == held[1]
+        for c in cursors:
+            check(held[0], c)
+        lane.resume()
+    assert lane.tick == len(ticks) + 1 and lane.deferred is None
     for c in cursors:
-        got = lane.since(c)
-        want = sorted((r, k, v) for r, (k, v, t) in model.items() if t > c)
-        if not want:
-            assert got is None
-            continue
-        assert got.column_names == ["id", "v"] and got.schema.field(0).type == ktype
-        assert got.column("id").to_pylist() == [k for _, k, _ in want]
-        assert got.column("v").to_pylist() == [v for _, _, v in want]
+        check(model, c)
 
 
 def test_an_uplink_that_takes_an_older_catch_up_round_catches_up_again():

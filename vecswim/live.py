@@ -284,6 +284,8 @@ class _AgentsLane:
     never changes, so keys are kept once, as Arrow, where ``key_pos[row]`` points (no Python
     object per key). Memory: the emitted columns, the keys, and 16 bytes per agent. Cost:
     O(emitted rows) numpy per tick; a catch-up is one O(agents) scan plus O(changed rows).
+    While a catch-up reads the arrays on another thread (``deferred`` is a list), the ticks
+    handed out wait in it and are applied, in order, by ``resume``.
     """
 
     def __init__(self, table: pa.Table, tick: int) -> None:
@@ -300,10 +302,31 @@ class _AgentsLane:
             c: _grown(table.column(c).to_numpy(zero_copy_only=False), cap) for c in self.names
         }
         self.ver = _grown(np.full(n, tick, np.int64), cap, -1)
+        self.deferred: list | None = None
+        self.gathering: asyncio.Task | None = None
+
+    def advance(self, tick: int) -> None:
+        """A handed-out tick that emitted no row of this type: still a boundary of the lane."""
+        if self.deferred is not None:
+            self.deferred.append((tick, None, None))
+        else:
+            self.tick = max(self.tick, tick)
+
+    def resume(self) -> None:
+        """Apply the ticks deferred while a catch-up read the arrays."""
+        deferred, self.deferred = self.deferred or [], None
+        for tick, rows, batch in deferred:
+            if rows is None:
+                self.advance(tick)
+            else:
+                self.apply(tick, rows, batch)
 
     def apply(self, tick: int, rows: np.ndarray, batch: pa.RecordBatch) -> None:
         """Take one handed-out tick's emission of this type (``rows``: the agents' rows);
         ticks the lane already covers are skipped."""
+        if self.deferred is not None:
+            self.deferred.append((tick, rows, batch))
+            return
         if tick <= self.tick:
             return
         self.tick = tick
@@ -339,6 +362,18 @@ class _AgentsLane:
         for c in self.names:
             data[c] = pa.array(self.cols[c][rows])
         return pa.table(data)
+
+
+def _timed_since(lane: _AgentsLane, cursor: int) -> tuple[pa.Table | None, float]:
+    """``lane.since(cursor)`` and the CPU seconds it took (run on the encoder thread)."""
+    t = time.thread_time()
+    table = lane.since(cursor)
+    return table, time.thread_time() - t
+
+
+def _serves(r: tuple[int, _Entry] | None, up: _AgentsUplink) -> bool:
+    """Whether catch-up round ``r`` holds every change ``up`` lacks, and some."""
+    return r is not None and r[0] <= up.cursor and r[1].tick > up.cursor
 
 
 def _grown(a: np.ndarray, cap: int, fill: object = None) -> np.ndarray:
@@ -501,15 +536,9 @@ class JsonCodec(_Codec):
         return json.dumps(d)
 
     def value(self, addr: Address, tick: int, value: object) -> str:
-        return json.dumps(
-            {
-                "tag": "event",
-                "node": addr.node,
-                "lane": addr.lane,
-                "tick": tick,
-                "value": _jsonable(value),
-            }
-        )
+        # the same text as json.dumps of the whole object, its constant head encoded once
+        head = _json_value_head(addr.node, addr.lane)
+        return f'{head}{tick}, "value": {json.dumps(_jsonable(value))}}}'
 
     def encode(self, addr: Address, entry: _Entry, lo: int, hi: int) -> list[str | bytes]:
         head = json.dumps(
@@ -529,6 +558,11 @@ class JsonCodec(_Codec):
             keys = _json_column(entry.removes)
             out.append(_frame(head + ',"updates":[],"removes":[', keys, "]}"))
         return out
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _json_value_head(node: str, lane: str) -> str:
+    return json.dumps({"tag": "event", "node": node, "lane": lane})[:-1] + ', "tick": '
 
 
 def _frame(head: str, items: pa.Array, tail: str) -> bytes:
@@ -575,6 +609,7 @@ class _Connection:
         self.closing: str | None = None
         self.sent = 0
         self.rows = 0  # map lane rows queued over all uplinks
+        self.sending_since: float | None = None  # monotonic start of the send under way
 
     def ready(self, up: _Uplink | _Frame) -> None:
         if up in self.queue:
@@ -601,15 +636,19 @@ class _Connection:
             transport.abort()  # the close handshake did not finish: drop the socket
 
     async def send(self, frame: str | bytes) -> None:
+        """Send one frame. A send that waits too long (the client reads nothing) is ended by
+        the hub's watchdog, which closes the connection (no timer per send: with thousands
+        of connections their timer handles were a large share of the loop's work)."""
+        self.sending_since = time.monotonic()
         try:
-            async with asyncio.timeout(self.hub.stall_seconds):
-                if isinstance(frame, bytes):  # UTF-8 already: no round trip through str
-                    await self.ws.send_frame(frame, WSMsgType.TEXT)
-                else:
-                    await self.ws.send_str(frame)
-        except TimeoutError:
-            self.too_slow(f"no progress for {self.hub.stall_seconds:g}s")
-            raise ConnectionResetError from None
+            if isinstance(frame, bytes):  # UTF-8 already: no round trip through str
+                await self.ws.send_frame(frame, WSMsgType.TEXT)
+            else:
+                await self.ws.send_str(frame)
+        finally:
+            self.sending_since = None
+        if self.closing is not None:
+            raise ConnectionResetError(self.closing)
         self.sent += 1
         self.hub.sent += 1
 
@@ -664,6 +703,8 @@ class _Connection:
                     await self.send(codec.control(tag, up.addr, tick, None))
                 if isinstance(up, _AgentsUplink) and up.behind:
                     await self.hub.catch_up_turn()
+                    if not up.closed:
+                        await self.hub.prepare_catch_up(up)
                     if up.closed:
                         continue
                 got = up.take()  # before ``after``: an agents lane's sync sets its tick
@@ -742,6 +783,7 @@ class LiveHub:
         self._syncs: list[_Uplink] = []
         self._sync_task: asyncio.Task | None = None
         self._pulse_task: asyncio.Task | None = None
+        self._watch_task: asyncio.Task | None = None
         self.closed_slow = 0
         self.malformed = 0
         self.links = 0  # open uplinks
@@ -824,8 +866,8 @@ class LiveHub:
             batch = item.emitted.get(tname)
             if batch is not None:
                 lane.apply(tick, item.rows[tname], batch)
-            else:  # a tick that emitted none of the type is still a boundary of its lane
-                lane.tick = max(lane.tick, tick)
+            else:
+                lane.advance(tick)
         for tname, batch in item.emitted.items():
             subs = self.values.get(tname)
             if subs:
@@ -1075,7 +1117,7 @@ class LiveHub:
         is harmless for a map lane."""
         lane = self.lanes[up.addr.type]
         r = lane.round
-        if r is None or r[0] > up.cursor or r[1].tick <= up.cursor:
+        if not _serves(r, up):  # gathered here, on the loop (prepare_catch_up gathers off it)
             base = min(u.cursor for u in self.agents[up.addr.type] if u.behind)
             t = time.thread_time()
             table = lane.since(base)
@@ -1085,6 +1127,39 @@ class LiveHub:
         self.catch_up_sends += 1
         r[1].readers += 1
         return r[1]
+
+    async def prepare_catch_up(self, up: _AgentsUplink) -> None:
+        """Make the lane's catch-up round one that serves ``up`` (``catch_up`` then hands it
+        out), gathering a new one off the loop if it does not: the gather reads the lane's
+        arrays on the encoder thread while the ticks handed out meanwhile are deferred, so
+        the loop goes on sending and the round is still as of one tick. (A gather over a
+        million agents took 65 ms; on the loop it held back every value lane that long.)"""
+        tname = up.addr.type
+        for _ in range(2):  # a round under way may have started before ``up`` fell behind
+            lane = self.lanes.get(tname)
+            if lane is None or _serves(lane.round, up):
+                return
+            if lane.gathering is None:
+                lane.gathering = asyncio.get_running_loop().create_task(self._gather(tname, lane))
+            await asyncio.shield(lane.gathering)
+
+    async def _gather(self, tname: str, lane: _AgentsLane) -> None:
+        try:
+            cursors = [u.cursor for u in self.agents.get(tname, ()) if u.behind]
+            if not cursors:
+                return
+            base, tick = min(cursors), lane.tick
+            lane.deferred = []
+            try:
+                loop = asyncio.get_running_loop()
+                table, cpu = await loop.run_in_executor(self.encoder, _timed_since, lane, base)
+            finally:
+                lane.resume()
+            self.spend(cpu)
+            lane.round = (base, _Entry(tick, table, shared=True))
+            self.catch_ups += 1
+        finally:
+            lane.gathering = None
 
     def spend(self, cpu: float) -> None:
         """Charge ``cpu`` seconds of catch-up work (any thread) to the budget."""
@@ -1178,7 +1253,20 @@ class LiveHub:
 
     # -- pulse -------------------------------------------------------------------------------
     def _start_pulse(self) -> None:
-        self._pulse_task = asyncio.get_running_loop().create_task(self._pulse_loop())
+        loop = asyncio.get_running_loop()
+        self._pulse_task = loop.create_task(self._pulse_loop())
+        self._watch_task = loop.create_task(self._watch_sends())
+
+    async def _watch_sends(self) -> None:
+        """Close each connection whose send has not completed for ``stall_seconds`` (checked
+        every quarter of it, at most every second: O(connections) a second)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.stall_seconds / 4))
+            now, limit = time.monotonic(), self.stall_seconds
+            for conn in self.conns:
+                since = conn.sending_since
+                if since is not None and now - since > limit:
+                    conn.too_slow(f"no progress for {limit:g}s")
 
     async def _pulse_loop(self) -> None:
         while True:
