@@ -15,11 +15,15 @@ events/s applied, the emission-to-client latency p50/p99/max (arrival time minus
 at which the tick ended, by the tick each JSON frame carries; WARP frames carry no tick, so
 ``--protocol warp`` reports tick times only), frames received, the map lane megabytes per
 second the clients received, and the server's resident memory per link (RSS with the clients
-minus RSS before they connected, over the links). Tick p99 is compared with the median of the
-no-client phases of the run.
+minus RSS before they connected, over the links), the cores the server process and the client
+process used, and the server's garbage collections inside the window (per generation, and the
+objects they scan and that are frozen out of them). Tick p99 is compared with the median of the
+no-client phases of the run; at the end the phases of each client count are pooled (one p99
+over all their ticks and frames: e.g. ``--clients 0,10000,0,10000,0,10000,0``).
 
 The client process competes with the engine for this machine's two cores: its figures are an
-upper bound of what a separate client machine would see.
+upper bound of what a separate client machine would see. It runs no garbage collection during
+a phase (its own collections were counted as server latency).
 """
 
 from __future__ import annotations
@@ -162,6 +166,11 @@ def client_main(argv: list[str]) -> None:
 
 
 # -- bench process ------------------------------------------------------------------------------
+def _cores(now, before, seconds: float) -> float:
+    """Cores used between two ``cpu_times`` readings ``seconds`` apart."""
+    return round((now.user + now.system - before.user - before.system) / seconds, 2)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--client":
         client_main(sys.argv[2:])
@@ -212,6 +221,8 @@ def main() -> None:
 
     gc.callbacks.append(on_gc)
     rows = []
+    pooled: dict[int, list[np.ndarray]] = {}  # client count -> tick durations (ms) of its phases
+    pooled_lat: dict[int, list[np.ndarray]] = {}
     try:
         time.sleep(3.0)  # warm up: JIT, snapshot buffers
         for n in counts:
@@ -249,11 +260,19 @@ def main() -> None:
             ev0 = eng.totals["events"]
             gc_pauses.clear()
             resyncs0 = srv.live.stats()["resyncs"]
+            cpu_server = proc_self.cpu_times()
+            cpu_client = psutil.Process(client.pid).cpu_times() if client is not None else None
             if client is not None:
                 client.stdin.write(f"{start}\n")
                 client.stdin.flush()
             time.sleep(args.seconds)
             end = time.time()
+            # cores used in the window: the server process, and the client harness
+            cores = [_cores(proc_self.cpu_times(), cpu_server, end - start)]
+            if client is not None:
+                cores.append(
+                    _cores(psutil.Process(client.pid).cpu_times(), cpu_client, end - start)
+                )
             events = eng.totals["events"] - ev0
             # collections inside the window only (the phase's connections closing afterwards
             # unfreeze them, and the next full collection is not the window's)
@@ -261,6 +280,7 @@ def main() -> None:
             gc_counts = (len(gc.get_objects()), gc.get_freeze_count())
             ticks = [s for s in list(eng.recent) if start <= ended.get(s.tick, 0) < end]
             secs = np.array([s.seconds for s in ticks]) * 1e3
+            pooled.setdefault(n, []).append(secs)
             lat = mlat = at = np.zeros(0)
             frames = (0, 0)
             map_mb = 0.0
@@ -274,6 +294,7 @@ def main() -> None:
                     [(t - ended[k]) * 1e3 for k, t in out["map_arrivals"] if k in ended]
                 )
                 frames = (out["value_frames"], out["map_frames"])
+                pooled_lat.setdefault(n, []).append(lat)
                 map_mb = out["map_bytes"] / 1e6 / args.seconds
             row = {
                 "clients": n,
@@ -290,6 +311,8 @@ def main() -> None:
                 "map_frames": frames[1],
                 "map_mb_per_s": map_mb,
                 "bytes_per_link": (rss1 - rss0) / links if links else float("nan"),
+                "server_cores": cores[0],
+                "client_cores": cores[1] if len(cores) > 1 else 0.0,
                 "closed_slow": srv.live.stats()["closed_slow"],
                 "resyncs": srv.live.stats()["resyncs"] - resyncs0,
                 "gc_max_ms": max((p for _, p in in_window), default=0.0) * 1e3,
@@ -337,7 +360,7 @@ def main() -> None:
     print(f"no-client tick p99s: {', '.join(f'{b:.2f}ms' for b in bases)}; x none is their median")
     print(
         "clients   links  events/s   tick p50  tick p99 (x none)  lat p50  lat p99  lat max"
-        "  map lat p99  value frames  map frames  map MB/s  KiB/link"
+        "  map lat p99  value frames  map frames  map MB/s  KiB/link  cores (server, client)"
     )
     for r in rows:
         print(
@@ -347,8 +370,20 @@ def main() -> None:
             f" {r['lat_p50_ms']:>7.1f}ms {r['lat_p99_ms']:>7.1f}ms {r['lat_max_ms']:>7.1f}ms"
             f" {r['map_lat_p99_ms']:>10.1f}ms"
             f" {r['value_frames']:>13,} {r['map_frames']:>11,} {r['map_mb_per_s']:>9.1f}"
-            f" {r['bytes_per_link'] / 1024:>9.1f}"
+            f" {r['bytes_per_link'] / 1024:>9.1f}  {r['server_cores']:.2f}, {r['client_cores']:.2f}"
         )
+    # the phases of one client count pooled: a p99 over all their ticks (and frames) is
+    # steadier than one phase's, which the machine's noise moves by up to 1.3x
+    none = np.concatenate(pooled.get(0, [np.zeros(0)]))
+    base_pooled = float(np.percentile(none, 99)) if len(none) else float("nan")
+    print("\npooled over the phases of each client count:")
+    print("clients  phases  ticks  tick p99 (x none)  lat p99  lat max")
+    for n, parts in pooled.items():
+        t = np.concatenate(parts)
+        lat = np.concatenate(pooled_lat.get(n, [np.zeros(0)]))
+        p99 = float(np.percentile(t, 99)) if len(t) else float("nan")
+        lp = f"{np.percentile(lat, 99):>7.1f}ms {lat.max():>7.1f}ms" if len(lat) else ""
+        print(f"{n:>7,} {len(parts):>7} {len(t):>6} {p99:>8.2f}ms ({p99 / base_pooled:4.2f})  {lp}")
 
 
 if __name__ == "__main__":
