@@ -1119,11 +1119,7 @@ class LiveHub:
         r = lane.round
         if not _serves(r, up):  # gathered here, on the loop (prepare_catch_up gathers off it)
             base = min(u.cursor for u in self.agents[up.addr.type] if u.behind)
-            t = time.thread_time()
-            table = lane.since(base)
-            self.spend(time.thread_time() - t)
-            r = lane.round = (base, _Entry(lane.tick, table, shared=True))
-            self.catch_ups += 1
+            r = self._new_round(lane, base, lane.tick, *_timed_since(lane, base))
         self.catch_up_sends += 1
         r[1].readers += 1
         return r[1]
@@ -1155,11 +1151,18 @@ class LiveHub:
                 table, cpu = await loop.run_in_executor(self.encoder, _timed_since, lane, base)
             finally:
                 lane.resume()
-            self.spend(cpu)
-            lane.round = (base, _Entry(tick, table, shared=True))
-            self.catch_ups += 1
+            self._new_round(lane, base, tick, table, cpu)
         finally:
             lane.gathering = None
+
+    def _new_round(
+        self, lane: _AgentsLane, base: int, tick: int, table: pa.Table | None, cpu: float
+    ) -> tuple[int, _Entry]:
+        """Make the rows changed after ``base`` (as of ``tick``) the lane's catch-up round."""
+        self.spend(cpu)
+        lane.round = (base, _Entry(tick, table, shared=True))
+        self.catch_ups += 1
+        return lane.round
 
     def spend(self, cpu: float) -> None:
         """Charge ``cpu`` seconds of catch-up work (any thread) to the budget."""
