@@ -559,7 +559,7 @@ def offer(
     payloads = [pulsar_io.arrow_payload(gen.make(per)["engine"]) for _ in range(64)]
     pub = pulsar_io.EventPublisher(url, t, "engine_id", "arrow", events_per_message=per)
     if into is not None:
-        into["pub"] = pub
+        into.update(pub=pub, per=per)
     t0 = time.monotonic()
     sent = 0
     while (now := time.monotonic()) - t0 < seconds:
@@ -602,7 +602,7 @@ def overload(url: str, ckdir: Path, seconds: float, rate: float, agents: int, lo
                     "rss_mib": round(proc.memory_info().rss / 2**20),
                     "events": m["events"],
                     # what the broker has taken so far: the engine can be behind only that
-                    "persisted": live["pub"].confirmed * 1000 if "pub" in live else 0,
+                    "persisted": live["pub"].confirmed * live["per"] if live else 0,
                     "lag_ms": m.get("source_lag_ms", 0),
                     "unacked": m.get("source_unacked", 0),
                 }

@@ -270,3 +270,35 @@ def test_pulsar_counters(pulsar_broker):
     assert value(s, "vecswim_events_total") == 40
     assert value(s, "vecswim_pulsar_connected") == 1
     assert 0 <= value(s, "vecswim_pulsar_lag_seconds") <= time.time() - t0 + 60
+
+
+@pytest.mark.pulsar
+def test_pulsar_lag_reads_zero_only_once_receives_stay_empty(pulsar_broker):
+    """On a real broker: events published 1.5 s before they are polled show as 1.5 s of lag.
+    Empty receives right after (a receiver queue between fetches) leave the lag as it was;
+    only once receives have stayed empty for ``idle_seconds`` does it read 0 (caught up)."""
+    url = pulsar_broker.service_url
+    t_in = topic("lag-idle")
+    pub = pulsar_io.EventPublisher(url, t_in, "engine_id")
+    row = {"engine_temp": 90.0, "fan_temp": 50.0, "coolant_vol": 8.0, "fleet_id": 7}
+    pub.publish(pa.RecordBatch.from_pylist([{**row, "engine_id": i} for i in range(10)]))
+    pub.close()
+    time.sleep(1.5)
+    eng = engines.build_engine(100)
+    src = pulsar_io.PulsarSource(url, eng.types["engine"], eng.event_fields("engine"), topics=t_in)
+    try:
+        deadline = time.monotonic() + 60
+        while src.counts["events"] < 10:
+            assert time.monotonic() < deadline, src.counts
+            src.poll(100, 0.05)
+        got_at = time.monotonic()
+        lag = src.gauges()["source_lag_ms"]
+        assert 1500 <= lag < 60_000
+        while time.monotonic() - got_at < 0.6:  # empty, but not for long: still behind
+            assert src.poll(100, 0.05) == {}
+            assert src.gauges()["source_lag_ms"] == lag
+        while time.monotonic() - got_at < src.idle_seconds + 1.5:  # a check a second at most
+            assert src.poll(100, 0.05) == {}
+        assert src.gauges()["source_lag_ms"] == 0
+    finally:
+        src.close()
